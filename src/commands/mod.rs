@@ -1,0 +1,5 @@
+//! Subcommands that are not the daemon itself: they talk to it or check its inputs.
+
+pub mod check_config;
+pub mod control_client;
+pub mod status;

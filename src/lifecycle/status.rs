@@ -1,0 +1,190 @@
+//! What the lifecycle tells the gateway (and, through the control socket, the operator).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use super::drain::ConnectionTracker;
+use super::listeners::{ListenerSet, Origin};
+use super::supervisor::Supervisor;
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Starting,
+    Serving,
+    Reloading,
+    Draining,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub address: String,
+    pub origin: Origin,
+    /// Also parked in systemd's fd store.
+    pub parked: bool,
+}
+
+/// The answer to the control socket's status request.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub version: &'static str,
+    pub state: State,
+    pub uptime_secs: u64,
+    pub supervisor: Supervisor,
+    pub config: String,
+    pub state_dir: String,
+    pub listeners: Vec<ListenerInfo>,
+    pub connections: usize,
+    pub requests: u64,
+    pub last_reload: Option<ReloadInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadInfo {
+    pub at_unix: u64,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    started: Instant,
+    supervisor: Supervisor,
+    listeners: Vec<ListenerInfo>,
+    connections: Arc<ConnectionTracker>,
+    mutable: Mutex<Mutable>,
+}
+
+#[derive(Debug)]
+struct Mutable {
+    state: State,
+    config: String,
+    state_dir: String,
+    last_reload: Option<ReloadInfo>,
+}
+
+/// A cheap, cloneable view of the lifecycle.
+#[derive(Debug, Clone)]
+pub struct LifecycleHandle(Arc<Inner>);
+
+impl LifecycleHandle {
+    pub fn new(
+        set: &ListenerSet,
+        supervisor: Supervisor,
+        connections: Arc<ConnectionTracker>,
+        config: &Config,
+    ) -> Self {
+        let listeners = set
+            .listeners
+            .iter()
+            .map(|l| ListenerInfo {
+                name: l.name.clone(),
+                address: l.address.clone(),
+                origin: l.origin,
+                parked: l.parked,
+            })
+            .collect();
+        LifecycleHandle(Arc::new(Inner {
+            started: Instant::now(),
+            supervisor,
+            listeners,
+            connections,
+            mutable: Mutex::new(Mutable {
+                state: State::Starting,
+                config: config.origin(),
+                state_dir: config.state_dir.display().to_string(),
+                last_reload: None,
+            }),
+        }))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Mutable) -> T) -> T {
+        let mut m = self
+            .0
+            .mutable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        f(&mut m)
+    }
+
+    pub fn set_state(&self, state: State) {
+        self.with(|m| m.state = state);
+    }
+
+    pub fn state(&self) -> State {
+        self.with(|m| m.state)
+    }
+
+    pub fn reloaded(&self, config: &Config, error: Option<String>) {
+        let at_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.with(|m| {
+            m.config = config.origin();
+            m.last_reload = Some(ReloadInfo {
+                at_unix,
+                ok: error.is_none(),
+                error,
+            });
+        });
+    }
+
+    pub fn listeners(&self) -> &[ListenerInfo] {
+        &self.0.listeners
+    }
+
+    pub fn report(&self) -> StatusReport {
+        let (state, config, state_dir, last_reload) = self.with(|m| {
+            (
+                m.state,
+                m.config.clone(),
+                m.state_dir.clone(),
+                m.last_reload.clone(),
+            )
+        });
+        StatusReport {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION"),
+            state,
+            uptime_secs: self.0.started.elapsed().as_secs(),
+            supervisor: self.0.supervisor,
+            config,
+            state_dir,
+            listeners: self.0.listeners.clone(),
+            connections: self.0.connections.active(),
+            requests: self.0.connections.requests(),
+            last_reload,
+        }
+    }
+
+    /// The one-line summary for `STATUS=`.
+    pub fn status_line(&self, extra: Option<&str>) -> String {
+        let mut names: Vec<&str> = self.0.listeners.iter().map(|l| l.name.as_str()).collect();
+        names.dedup();
+        let state = match self.state() {
+            State::Starting => "starting",
+            State::Serving => "serving",
+            State::Reloading => "reloading",
+            State::Draining => "draining",
+        };
+        let mut line = format!(
+            "{state}: {} listeners, {} connections",
+            names.len(),
+            self.0.connections.active()
+        );
+        if let Some(extra) = extra {
+            line.push_str(", ");
+            line.push_str(extra);
+        }
+        if let Some(ReloadInfo { error: Some(e), .. }) = self.with(|m| m.last_reload.clone()) {
+            line.push_str("; last reload failed: ");
+            line.push_str(&e.replace('\n', " "));
+        }
+        line
+    }
+}

@@ -1,0 +1,90 @@
+//! Logging: the native journald protocol with structured fields when stderr is the journal
+//! (`JOURNAL_STREAM` names it), readable lines on stderr otherwise.
+
+use std::os::fd::AsFd;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("bad log filter `{0}`: {1}")]
+    Filter(String, String),
+    #[error("{0}")]
+    Init(String),
+}
+
+/// Changes the level at run time (SIGHUP).
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+    pub journald: bool,
+}
+
+fn filter(config_level: Option<&str>) -> Result<EnvFilter, LogError> {
+    // RUST_LOG wins, so that an operator can turn up logging without editing the file.
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| config_level.map(str::to_owned))
+        .unwrap_or_else(|| "info".to_owned());
+    EnvFilter::try_new(&spec).map_err(|e| LogError::Filter(spec, e.to_string()))
+}
+
+/// Whether stderr is connected to the journal, per `JOURNAL_STREAM=dev:inode`.
+pub fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        // The field types differ between platforms (u64 on Linux, i32/u64 on macOS).
+        #[allow(clippy::unnecessary_cast)]
+        Ok(st) => st.st_dev as u64 == dev && st.st_ino as u64 == ino,
+        Err(_) => false,
+    }
+}
+
+pub fn init(config_level: Option<&str>) -> Result<LogControl, LogError> {
+    let (filter_layer, handle) = reload::Layer::new(filter(config_level)?);
+    let journal = if stderr_is_journal() {
+        tracing_journald::layer().ok().map(|l| {
+            l.with_field_prefix(None)
+                .with_syslog_identifier("hermes-gateway".into())
+        })
+    } else {
+        None
+    };
+    let journald = journal.is_some();
+    let fmt = if journald {
+        None
+    } else {
+        Some(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .boxed(),
+        )
+    };
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(journal)
+        .with(fmt)
+        .try_init()
+        .map_err(|e| LogError::Init(e.to_string()))?;
+    Ok(LogControl { handle, journald })
+}
+
+impl LogControl {
+    pub fn set_level(&self, config_level: Option<&str>) -> Result<(), LogError> {
+        let f = filter(config_level)?;
+        self.handle
+            .reload(f)
+            .map_err(|e| LogError::Init(e.to_string()))
+    }
+}

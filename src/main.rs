@@ -1,0 +1,28 @@
+//! hermes-gateway: reads the command line and hands over to the lifecycle or a command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use hermes_gateway::cli::{Cli, Command};
+use hermes_gateway::lifecycle::{self, RunOptions, activation::ActivationEnv};
+use hermes_gateway::{commands, gateway};
+
+fn main() -> ExitCode {
+    // Read and clear the socket-activation variables while the process is single-threaded.
+    let env = ActivationEnv::take_from_process();
+    let cli = Cli::parse();
+    let status = match cli.command {
+        Command::Run(args) => lifecycle::run(
+            RunOptions {
+                config_path: args.config.config,
+                supervisor: args.supervisor,
+            },
+            env,
+            gateway::Gateway::new,
+        ),
+        Command::CheckConfig(args) => commands::check_config::run(&args),
+        Command::Status(args) => commands::status::run(&args),
+    };
+    status.into()
+}
