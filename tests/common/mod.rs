@@ -1,0 +1,342 @@
+//! Shared test helpers: start the real binary, receive its sd_notify datagrams, talk raw
+//! HTTP/1.1 to it. Each test binary uses a subset.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hermes-gateway");
+
+/// A free TCP port on loopback (bound, then released for the test to use).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Receives the datagrams a gateway sends to `$NOTIFY_SOCKET`.
+pub struct NotifySink {
+    pub path: PathBuf,
+    sock: UnixDatagram,
+}
+
+impl NotifySink {
+    pub fn new(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+        NotifySink { path, sock }
+    }
+
+    /// The next datagram, or `None` after `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.sock.set_read_timeout(Some(timeout)).ok()?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = self.sock.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Skips datagrams until one contains `line` (a whole line such as `READY=1`);
+    /// returns it, or panics with everything seen.
+    pub fn wait_for(&self, line: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.next(left) {
+                Some(m) if m.lines().any(|l| l == line) => return m,
+                Some(m) => seen.push(m),
+                None => break,
+            }
+        }
+        panic!("no datagram with `{line}` within {timeout:?}; saw {seen:?}");
+    }
+
+    /// The value of the first `PREFIX...` line to arrive within `timeout`.
+    pub fn wait_for_prefix(&self, prefix: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.next(left) {
+                Some(m) => {
+                    if let Some(v) = m.lines().find_map(|l| l.strip_prefix(prefix)) {
+                        return v.to_owned();
+                    }
+                    seen.push(m);
+                }
+                None => break,
+            }
+        }
+        panic!("no `{prefix}` line within {timeout:?}; saw {seen:?}");
+    }
+
+    /// Every datagram until nothing arrives for `quiet`.
+    pub fn drain(&self, quiet: Duration) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Some(m) = self.next(quiet) {
+            v.push(m);
+        }
+        v
+    }
+}
+
+/// A temp folder with a config file for one gateway.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub control: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Setup {
+    /// `listen_api` is the `[listen] api` value; `extra` is appended verbatim.
+    pub fn new(listen_api: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = dir.path().join("run/control.sock");
+        let state = dir.path().join("state");
+        let config = dir.path().join("gateway.toml");
+        let text = format!(
+            "[listen]\napi = \"{listen_api}\"\nwebhook = \"off\"\ncontrol = \"{}\"\n[state]\ndir = \"{}\"\n{extra}",
+            control.display(),
+            state.display()
+        );
+        std::fs::write(&config, text).expect("write config");
+        Setup {
+            dir,
+            config,
+            control,
+            state,
+        }
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("rewrite config");
+    }
+
+    pub fn notify(&self) -> NotifySink {
+        NotifySink::new(self.dir.path())
+    }
+
+    /// `hermes-gateway run --config FILE ARGS` with `envs`, stderr captured.
+    pub fn spawn(&self, args: &[&str], envs: &[(&str, &str)]) -> Gateway {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("--config").arg(&self.config).args(args);
+        cmd.env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("INVOCATION_ID");
+        cmd.env("RUST_LOG", "info");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Gateway::start(cmd)
+    }
+
+    /// The gateway under `systemd-socket-activate -l 127.0.0.1:PORT --fdname=NAME`, which
+    /// passes the socket with LISTEN_* once the first connection arrives.
+    pub fn spawn_activated(&self, port: u16, fdname: &str, envs: &[(&str, &str)]) -> Gateway {
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.arg("-l").arg(format!("127.0.0.1:{port}"));
+        if !fdname.is_empty() {
+            cmd.arg(format!("--fdname={fdname}"));
+        }
+        cmd.arg("-E").arg("RUST_LOG=info");
+        for (k, v) in envs {
+            cmd.arg("-E").arg(format!("{k}={v}"));
+        }
+        cmd.arg(BIN).arg("run").arg("--config").arg(&self.config);
+        Gateway::start(cmd)
+    }
+}
+
+pub struct Gateway {
+    pub child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    fn start(mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn the gateway");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        Gateway {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("send signal");
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                return s;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!(
+                    "gateway did not exit within {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 response, read off a raw connection.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response (Content-Length bodies only, which is all the gateway sends here).
+pub fn read_response(s: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
+    let mut line = String::new();
+    if s.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before a response",
+        ));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        s.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// A keep-alive connection to the gateway.
+pub struct Conn {
+    pub r: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> std::io::Result<Self> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Conn {
+            r: BufReader::new(s),
+        })
+    }
+
+    pub fn send(&mut self, raw: &str) -> std::io::Result<()> {
+        self.r.get_mut().write_all(raw.as_bytes())
+    }
+
+    pub fn get(&mut self, path: &str) -> std::io::Result<Response> {
+        self.send(&format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"))?;
+        read_response(&mut self.r)
+    }
+}
+
+/// `GET path` on a fresh connection.
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    Conn::open(addr)?.get(path)
+}
+
+/// Polls `GET /health` until it answers 200.
+pub fn wait_healthy(addr: SocketAddr, timeout: Duration) -> Response {
+    let end = Instant::now() + timeout;
+    loop {
+        match get(addr, "/health") {
+            Ok(r) if r.status == 200 => return r,
+            other => {
+                if Instant::now() > end {
+                    panic!("{addr} not healthy within {timeout:?}: {other:?}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// The JSON `hermes-gateway status --json --socket PATH` prints.
+pub fn status_json(control: &Path) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--socket"])
+        .arg(control)
+        .output()
+        .expect("run status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status prints JSON")
+}
