@@ -95,6 +95,8 @@ fn start_reload_stop_sequence_and_exit_0() {
     );
     let after = notify.next(T).expect("READY after reload");
     assert!(after.lines().any(|l| l == "READY=1"), "{after}");
+    // READY=1 came after the new configuration was applied.
+    assert_eq!(status_json(&setup.control)["config_generation"], 2);
     wait_healthy(addr(port), T);
 
     // Stop: STOPPING=1, exit 0.

@@ -41,6 +41,8 @@ pub struct StatusReport {
     pub listeners: Vec<ListenerInfo>,
     pub connections: usize,
     pub requests: u64,
+    /// How many configurations have been applied: 1 at start, +1 per successful reload.
+    pub config_generation: u64,
     pub last_reload: Option<ReloadInfo>,
 }
 
@@ -65,6 +67,7 @@ struct Mutable {
     state: State,
     config: String,
     state_dir: String,
+    generation: u64,
     last_reload: Option<ReloadInfo>,
 }
 
@@ -98,6 +101,7 @@ impl LifecycleHandle {
                 state: State::Starting,
                 config: config.origin(),
                 state_dir: config.state_dir.display().to_string(),
+                generation: 1,
                 last_reload: None,
             }),
         }))
@@ -125,6 +129,9 @@ impl LifecycleHandle {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.with(|m| {
+            if error.is_none() {
+                m.generation += 1;
+            }
             m.config = config.origin();
             m.last_reload = Some(ReloadInfo {
                 at_unix,
@@ -139,11 +146,12 @@ impl LifecycleHandle {
     }
 
     pub fn report(&self) -> StatusReport {
-        let (state, config, state_dir, last_reload) = self.with(|m| {
+        let (state, config, state_dir, config_generation, last_reload) = self.with(|m| {
             (
                 m.state,
                 m.config.clone(),
                 m.state_dir.clone(),
+                m.generation,
                 m.last_reload.clone(),
             )
         });
@@ -158,6 +166,7 @@ impl LifecycleHandle {
             listeners: self.0.listeners.clone(),
             connections: self.0.connections.active(),
             requests: self.0.connections.requests(),
+            config_generation,
             last_reload,
         }
     }
