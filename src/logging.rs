@@ -50,12 +50,26 @@ pub fn stderr_is_journal() -> bool {
     }
 }
 
+/// info → 6 (informational), as journalctl and syslog expect; the crate's default maps
+/// info to 5 (notice), which would make every access-log line stand out.
+fn syslog_priorities() -> tracing_journald::PriorityMappings {
+    use tracing_journald::Priority;
+    tracing_journald::PriorityMappings {
+        error: Priority::Error,
+        warn: Priority::Warning,
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        trace: Priority::Debug,
+    }
+}
+
 pub fn init(config_level: Option<&str>) -> Result<LogControl, LogError> {
     let (filter_layer, handle) = reload::Layer::new(filter(config_level)?);
     let journal = if stderr_is_journal() {
         tracing_journald::layer().ok().map(|l| {
             l.with_field_prefix(None)
                 .with_syslog_identifier("hermes-gateway".into())
+                .with_priority_mappings(syslog_priorities())
         })
     } else {
         None
