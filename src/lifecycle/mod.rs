@@ -239,6 +239,9 @@ impl Context {
             StopKind::Stop => "stop",
             StopKind::Restart => "restart",
         };
+        // The drain begins before STOPPING=1 is announced: whoever sees STOPPING=1 already
+        // gets `Connection: close` on the next response.
+        let deadline = drain.begin(config.drain_timeout, config.idle_grace);
         let open = drain.connections().active();
         let _ = notifier.send(&[
             "STOPPING=1",
@@ -248,7 +251,6 @@ impl Context {
             "{what} requested: draining {open} connections (deadline {:?})",
             config.drain_timeout
         );
-        let deadline = drain.begin(config.drain_timeout, config.idle_grace);
         let extender = spawn_timeout_extender(notifier.clone(), drain.connections(), deadline);
         let left = {
             let wait = drain.wait();
