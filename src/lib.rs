@@ -11,3 +11,4 @@ pub mod config;
 pub mod gateway;
 pub mod lifecycle;
 pub mod logging;
+pub mod store;

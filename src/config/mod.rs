@@ -5,6 +5,7 @@
 
 mod duration;
 mod paths;
+mod sections;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,6 +16,9 @@ use serde::Deserialize;
 
 pub use duration::HumanDuration;
 pub use paths::{default_control_path, default_state_dir};
+pub use sections::{
+    AgentBackend, AgentConfig, ApiConfig, ByteSize, KeySource, OpenAiConfig, Secret, SessionsConfig,
+};
 
 /// Where a listener lives when the service manager did not hand one over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +85,9 @@ pub struct Config {
     /// request (answered with `Connection: close`) before it is closed.
     pub idle_grace: Duration,
     pub log_level: Option<String>,
+    pub agent: AgentConfig,
+    pub api: ApiConfig,
+    pub sessions: SessionsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +160,12 @@ struct FileConfig {
     gateway: FileGateway,
     #[serde(default)]
     log: FileLog,
+    #[serde(default)]
+    agent: sections::FileAgent,
+    #[serde(default)]
+    api: sections::FileApi,
+    #[serde(default)]
+    sessions: sections::FileSessions,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -283,10 +296,31 @@ impl Config {
             None => ListenAddr::Unix(default_control_path(&state_dir)),
         };
         let default = |s: &str| ListenAddr::parse(s).map_err(ConfigError::Environment);
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.map_or_else(|| PathBuf::from("(built-in defaults)"), Path::to_path_buf),
+            line: LineHint(None),
+            key: key.to_owned(),
+            message,
+        };
+        let agent = sections::agent(f.agent).map_err(|(k, m)| invalid(k, m))?;
+        let sessions = sections::sessions(f.sessions).map_err(|(k, m)| invalid(k, m))?;
+        let api = sections::api(f.api);
+        let api_listen = f.listen.api.clone();
+        if let Some(ListenAddr::Tcp(a)) = &api_listen
+            && !a.ip().is_loopback()
+            && !api.has_keys()
+        {
+            return Err(invalid(
+                "listen.api",
+                format!(
+                    "`{a}` is not a loopback address and no API key is configured: set [api] keys, keys_file or keys_credential, or listen on 127.0.0.1 / [::1]"
+                ),
+            ));
+        }
         Ok(Config {
             source: path.map(Path::to_path_buf),
             listen: Listen {
-                api: f.listen.api.map_or_else(|| default(DEFAULT_API), Ok)?,
+                api: api_listen.map_or_else(|| default(DEFAULT_API), Ok)?,
                 webhook: f
                     .listen
                     .webhook
@@ -301,6 +335,9 @@ impl Config {
                 .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             idle_grace: f.gateway.idle_grace.map_or(DEFAULT_IDLE_GRACE, |d| d.0),
             log_level: f.log.level.map(|l| l.0),
+            agent,
+            api,
+            sessions,
         })
     }
 

@@ -125,3 +125,111 @@ fn listen_addr_forms() {
         Ok(ListenAddr::Tcp(_))
     ));
 }
+
+#[test]
+fn agent_api_and_sessions_default_to_echo_open_loopback_and_64_runs() {
+    let c = parse("").unwrap();
+    assert_eq!(c.agent.backend, AgentBackend::Echo);
+    assert_eq!(c.agent.model, "hermes-agent");
+    assert!(!c.api.has_keys());
+    assert_eq!(c.api.max_body, 1024 * 1024);
+    assert_eq!(c.api.body_timeout, Duration::from_secs(30));
+    assert_eq!(c.sessions.max_concurrent_runs, 64);
+    assert_eq!(c.sessions.queue_depth, 16);
+}
+
+#[test]
+fn openai_backend_takes_url_key_source_and_timeouts() {
+    let c = parse(
+        "[agent]\nbackend = \"openai\"\nbase_url = \"http://127.0.0.1:8000/v1/\"\nmodel = \"m\"\napi_key_env = \"UPSTREAM_KEY\"\nidle_timeout = \"5s\"\nretries = 0\n",
+    )
+    .unwrap();
+    let AgentBackend::OpenAi(o) = &c.agent.backend else {
+        panic!("{:?}", c.agent.backend)
+    };
+    assert_eq!(o.base_url, "http://127.0.0.1:8000/v1");
+    assert_eq!(o.key, Some(KeySource::Env("UPSTREAM_KEY".into())));
+    assert_eq!(o.idle_timeout, Duration::from_secs(5));
+    assert_eq!(o.retries, 0);
+    assert_eq!(c.agent.model, "m");
+}
+
+#[test]
+fn openai_backend_without_base_url_names_the_key() {
+    let e = parse("[agent]\nbackend = \"openai\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("agent.base_url"), "{e}");
+    assert!(e.contains("gateway.toml"), "{e}");
+    let e = parse("[agent]\nbackend = \"openai\"\nbase_url = \"ftp://x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("http://"), "{e}");
+}
+
+#[test]
+fn a_key_given_two_ways_is_refused() {
+    let e = parse(
+        "[agent]\nbackend = \"openai\"\nbase_url = \"http://h/v1\"\napi_key_env = \"A\"\napi_key_file = \"/k\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("one way only"), "{e}");
+}
+
+#[test]
+fn command_backend_needs_an_argv() {
+    let c =
+        parse("[agent]\nbackend = \"command\"\ncommand = [\"/bin/agent\", \"--fast\"]\n").unwrap();
+    assert_eq!(
+        c.agent.backend,
+        AgentBackend::Command {
+            argv: vec!["/bin/agent".into(), "--fast".into()]
+        }
+    );
+    let e = parse("[agent]\nbackend = \"command\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("agent.command"), "{e}");
+    let e = parse("[agent]\nbackend = \"shell\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("agent.backend"), "{e}");
+}
+
+#[test]
+fn non_loopback_api_needs_a_key() {
+    let e = parse("[listen]\napi = \"0.0.0.0:8642\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listen.api") && e.contains("loopback"), "{e}");
+    let c = parse("[listen]\napi = \"0.0.0.0:8642\"\n[api]\nkeys = [\"k\"]\n").unwrap();
+    assert!(c.api.has_keys());
+    assert!(
+        !format!("{c:?}").contains("\"k\""),
+        "keys are redacted in Debug"
+    );
+    parse("[listen]\napi = \"0.0.0.0:8642\"\n[api]\nkeys_credential = \"api-keys\"\n").unwrap();
+}
+
+#[test]
+fn sizes_and_limits_are_checked() {
+    assert_eq!(
+        parse("[api]\nmax_body = \"2MiB\"\n").unwrap().api.max_body,
+        2 << 20
+    );
+    assert_eq!(
+        parse("[api]\nmax_body = 4096\n").unwrap().api.max_body,
+        4096
+    );
+    let e = parse("[api]\nmax_body = \"lots\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("api.max_body") && e.contains("1MiB"), "{e}");
+    let e = parse("[sessions]\nmax_concurrent_runs = 0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sessions.max_concurrent_runs"), "{e}");
+    let e = parse("[sessions]\nqueue = 3\n").unwrap_err().to_string();
+    assert!(e.contains("queue_depth"), "expected keys are listed: {e}");
+}

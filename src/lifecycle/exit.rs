@@ -31,3 +31,10 @@ impl From<ExitStatus> for std::process::ExitCode {
         std::process::ExitCode::from(s.code())
     }
 }
+
+/// A problem of the configuration class that the gateway finds while it starts (a key file
+/// that cannot be read, a database written by a newer version): the lifecycle exits 78 for
+/// it, like for a bad configuration file, so that the service manager stops retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigurationError(pub String);

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::logging::LogControl;
 
 pub use drain::Shutdown;
-pub use exit::ExitStatus;
+pub use exit::{ConfigurationError, ExitStatus};
 pub use status::{LifecycleHandle, ListenerInfo, State, StatusReport};
 pub use supervisor::{Supervisor, SupervisorChoice};
 
@@ -187,12 +187,24 @@ impl Context {
         }
 
         let drain = Drain::new();
-        let handle = LifecycleHandle::new(&set, self.supervisor, drain.connections(), &config);
+        let handle = LifecycleHandle::new(
+            &set,
+            self.supervisor,
+            drain.connections(),
+            drain.shutdown(),
+            &config,
+        );
         let service = match make(&config, handle.clone()) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::error!("cannot start the gateway: {e:#}");
-                return Outcome::Exit(ExitStatus::Fatal);
+                // A configuration-class problem found by the gateway exits 78 too.
+                let config_class = e.chain().any(|c| c.is::<ConfigurationError>());
+                return Outcome::Exit(if config_class {
+                    ExitStatus::Config
+                } else {
+                    ExitStatus::Fatal
+                });
             }
         };
         let reexec = self.supervisor == Supervisor::None && self.relaunch.is_some();

@@ -5,7 +5,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::drain::ConnectionTracker;
+use super::drain::{ConnectionTracker, Shutdown};
 use super::listeners::{ListenerSet, Origin};
 use super::supervisor::Supervisor;
 use crate::config::Config;
@@ -35,6 +35,8 @@ pub struct StatusReport {
     pub version: &'static str,
     pub state: State,
     pub uptime_secs: u64,
+    /// When this image started (changes on every restart, also a re-exec in place).
+    pub started_at_unix_ms: u64,
     pub supervisor: Supervisor,
     pub config: String,
     pub state_dir: String,
@@ -56,9 +58,11 @@ pub struct ReloadInfo {
 #[derive(Debug)]
 struct Inner {
     started: Instant,
+    started_at_unix_ms: u64,
     supervisor: Supervisor,
     listeners: Vec<ListenerInfo>,
     connections: Arc<ConnectionTracker>,
+    shutdown: Shutdown,
     mutable: Mutex<Mutable>,
 }
 
@@ -80,6 +84,7 @@ impl LifecycleHandle {
         set: &ListenerSet,
         supervisor: Supervisor,
         connections: Arc<ConnectionTracker>,
+        shutdown: Shutdown,
         config: &Config,
     ) -> Self {
         let listeners = set
@@ -94,9 +99,13 @@ impl LifecycleHandle {
             .collect();
         LifecycleHandle(Arc::new(Inner {
             started: Instant::now(),
+            started_at_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             supervisor,
             listeners,
             connections,
+            shutdown,
             mutable: Mutex::new(Mutable {
                 state: State::Starting,
                 config: config.origin(),
@@ -141,6 +150,11 @@ impl LifecycleHandle {
         });
     }
 
+    /// Tells long-lived work (streams, runs) that a drain began and when it must end.
+    pub fn shutdown(&self) -> Shutdown {
+        self.0.shutdown.clone()
+    }
+
     pub fn listeners(&self) -> &[ListenerInfo] {
         &self.0.listeners
     }
@@ -160,6 +174,7 @@ impl LifecycleHandle {
             version: env!("CARGO_PKG_VERSION"),
             state,
             uptime_secs: self.0.started.elapsed().as_secs(),
+            started_at_unix_ms: self.0.started_at_unix_ms,
             supervisor: self.0.supervisor,
             config,
             state_dir,

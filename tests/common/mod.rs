@@ -340,3 +340,158 @@ pub fn status_json(control: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("status prints JSON")
 }
+
+/// Reads one response whatever its framing: `Content-Length`, chunked (SSE streams), or
+/// until the connection closes.
+pub fn read_any_response(s: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
+    let mut line = String::new();
+    if s.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before a response",
+        ));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        s.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            if s.read_line(&mut size)? == 0 {
+                break; // closed mid-stream: return what arrived
+            }
+            let n = usize::from_str_radix(size.trim(), 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk size {size:?}")))?;
+            if n == 0 {
+                let mut end = String::new();
+                s.read_line(&mut end)?;
+                break;
+            }
+            let mut chunk = vec![0u8; n + 2];
+            s.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(len, 0);
+        s.read_exact(&mut body)?;
+    } else {
+        s.read_to_end(&mut body)?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+impl Response {
+    /// The body as JSON (panics with the body if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
+
+    /// The `data:` payloads of an SSE body, with their `event:` names.
+    pub fn sse(&self) -> Vec<(Option<String>, String)> {
+        let mut out = Vec::new();
+        for block in self.body.split("\n\n") {
+            let mut event = None;
+            let mut data = Vec::new();
+            for l in block.lines() {
+                if let Some(e) = l.strip_prefix("event: ") {
+                    event = Some(e.to_owned());
+                } else if let Some(d) = l.strip_prefix("data: ") {
+                    data.push(d);
+                }
+            }
+            if !data.is_empty() {
+                out.push((event, data.join("\n")));
+            }
+        }
+        out
+    }
+}
+
+impl Conn {
+    /// Sends a request with `body` (JSON when non-empty) and reads the whole response.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> std::io::Result<Response> {
+        let mut raw = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !body.is_empty() {
+            raw.push_str("Content-Type: application/json\r\n");
+        }
+        for (k, v) in headers {
+            raw.push_str(&format!("{k}: {v}\r\n"));
+        }
+        raw.push_str("\r\n");
+        raw.push_str(body);
+        self.send(&raw)?;
+        read_any_response(&mut self.r)
+    }
+}
+
+/// One request on a fresh connection.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<Response> {
+    Conn::open(addr)?.request(method, path, headers, body)
+}
+
+/// The address a gateway bound for `listener` (`[listen] api = "127.0.0.1:0"`), from status.
+pub fn listener_addr(control: &Path, listener: &str) -> SocketAddr {
+    let st = status_json(control);
+    st["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == listener))
+        .and_then(|l| l["address"].as_str())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no {listener} listener in status: {st}"))
+}
+
+/// Starts a gateway on a free API port with `extra` config, waits for `READY=1` and
+/// returns it with the API address.
+pub fn start_api(setup: &Setup) -> (Gateway, SocketAddr, NotifySink) {
+    // A previous start in the same folder left its socket file.
+    let _ = std::fs::remove_file(setup.dir.path().join("notify.sock"));
+    let notify = setup.notify();
+    let gw = setup.spawn(
+        &[],
+        &[("NOTIFY_SOCKET", notify.path.to_str().expect("utf-8"))],
+    );
+    notify.wait_for("READY=1", Duration::from_secs(20));
+    let addr = listener_addr(&setup.control, "api");
+    (gw, addr, notify)
+}

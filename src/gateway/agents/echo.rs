@@ -1,0 +1,27 @@
+//! `echo`: replies with the text of the last user message, so a fresh install answers.
+
+use serde_json::Value;
+
+use super::{Agent, AgentFuture, DeltaSink, TurnInput, content_text};
+
+pub struct Echo;
+
+impl Agent for Echo {
+    fn run<'a>(&'a self, input: &'a TurnInput, on_delta: DeltaSink<'a>) -> AgentFuture<'a> {
+        Box::pin(async move {
+            let reply = input
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+                .map(content_text)
+                .unwrap_or_default();
+            on_delta(&reply);
+            Ok(reply)
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "echo"
+    }
+}

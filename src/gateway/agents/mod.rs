@@ -1,0 +1,87 @@
+//! Agent backends: what runs one turn. Each takes the turn's messages and streams its reply
+//! through `on_delta`, returning the whole reply at the end.
+//!
+//! - `echo` (the default): the last user message's text.
+//! - `openai`: any OpenAI-compatible chat-completions server.
+//! - `command`: a program per turn, the turn as JSON on stdin, the reply from stdout.
+
+mod command;
+mod echo;
+mod openai;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::config::{AgentBackend, AgentConfig};
+
+/// One turn, as an agent sees it.
+#[derive(Debug, Clone)]
+pub struct TurnInput {
+    pub session_id: Option<String>,
+    pub run_id: String,
+    pub model: String,
+    /// The whole conversation: stored history, then the turn's new messages.
+    pub messages: Vec<Value>,
+    /// Other chat-completion parameters from the client (temperature, max_tokens, …).
+    pub params: Map<String, Value>,
+    /// Whether the caller wants the reply as it is produced.
+    pub stream: bool,
+}
+
+/// Why a turn failed; each maps to an HTTP status for the client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    #[error("the upstream answered {status}: {message}")]
+    Upstream { status: u16, message: String },
+    #[error("the upstream cannot be reached: {0}")]
+    Unreachable(String),
+    #[error("the agent timed out: {0}")]
+    Timeout(String),
+    #[error("the agent failed: {0}")]
+    Failed(String),
+}
+
+impl AgentError {
+    pub fn http_status(&self) -> http::StatusCode {
+        match self {
+            AgentError::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,
+            _ => http::StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+pub type DeltaSink<'a> = &'a mut (dyn FnMut(&str) + Send);
+pub type AgentFuture<'a> = Pin<Box<dyn Future<Output = Result<String, AgentError>> + Send + 'a>>;
+
+/// What every backend offers.
+pub trait Agent: Send + Sync + 'static {
+    /// Runs one turn. Dropping the future cancels the turn (and kills what it started).
+    fn run<'a>(&'a self, input: &'a TurnInput, on_delta: DeltaSink<'a>) -> AgentFuture<'a>;
+    /// For logs and `STATUS=`: `echo`, `openai`, `command`.
+    fn kind(&self) -> &'static str;
+}
+
+/// Builds the configured backend. Reads the upstream key, if any (never logged).
+pub fn build(config: &AgentConfig) -> Result<Arc<dyn Agent>, String> {
+    Ok(match &config.backend {
+        AgentBackend::Echo => Arc::new(echo::Echo),
+        AgentBackend::OpenAi(o) => Arc::new(openai::OpenAi::new(o, config)?),
+        AgentBackend::Command { argv } => Arc::new(command::CommandAgent::new(argv, config)),
+    })
+}
+
+/// The text of a message's `content`: a string, or the `text` parts of an array.
+pub fn content_text(message: &Value) -> String {
+    match message.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,256 @@
+//! The OpenAI-compatible API on the `api` listener: chat completions, models, runs and
+//! sessions. Every error is an OpenAI error object; no input makes a handler panic.
+
+mod chat;
+mod runs;
+mod sessions;
+pub mod sse;
+
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::sessions::Sessions;
+use crate::config::{ApiConfig, Secret};
+use crate::lifecycle::Shutdown;
+
+/// The header that names the session a chat completion belongs to.
+pub const SESSION_HEADER: &str = "x-hermes-session-id";
+
+/// What the handlers share.
+pub struct ApiState {
+    pub sessions: Sessions,
+    pub shutdown: Shutdown,
+    live: RwLock<Live>,
+}
+
+/// What a reload may change.
+struct Live {
+    keys: Arc<Vec<Secret>>,
+    max_body: u64,
+    body_timeout: Duration,
+    model: String,
+}
+
+pub type Shared = Arc<ApiState>;
+
+impl ApiState {
+    pub fn new(
+        sessions: Sessions,
+        shutdown: Shutdown,
+        api: &ApiConfig,
+        keys: Vec<Secret>,
+        model: &str,
+    ) -> Shared {
+        Arc::new(ApiState {
+            sessions,
+            shutdown,
+            live: RwLock::new(Live {
+                keys: Arc::new(keys),
+                max_body: api.max_body,
+                body_timeout: api.body_timeout,
+                model: model.to_owned(),
+            }),
+        })
+    }
+
+    pub fn update(&self, api: &ApiConfig, keys: Vec<Secret>, model: &str) {
+        let mut l = self.live.write().unwrap_or_else(PoisonError::into_inner);
+        l.keys = Arc::new(keys);
+        l.max_body = api.max_body;
+        l.body_timeout = api.body_timeout;
+        l.model = model.to_owned();
+    }
+
+    fn live<T>(&self, f: impl FnOnce(&Live) -> T) -> T {
+        f(&self.live.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub fn model(&self) -> String {
+        self.live(|l| l.model.clone())
+    }
+}
+
+pub fn router(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(chat::models))
+        .route("/v1/runs", post(runs::create))
+        .route("/v1/runs/{id}", get(runs::get))
+        .route("/v1/runs/{id}/events", get(runs::events))
+        .route("/v1/runs/{id}/cancel", post(runs::cancel))
+        .route("/v1/sessions", get(sessions::list))
+        .route(
+            "/v1/sessions/{id}",
+            get(sessions::get).delete(sessions::delete),
+        )
+        .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    v1.with_state(state)
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Constant-time equality: the time depends on the lengths only, never on where the first
+/// difference is.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, b) in given.iter().enumerate() {
+        let e = if expected.is_empty() {
+            0
+        } else {
+            expected[i % expected.len()]
+        };
+        diff |= usize::from(b ^ e);
+    }
+    diff == 0
+}
+
+/// Bearer keys, when any are configured. Every key is compared, match or not.
+async fn authenticate(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let keys = s.live(|l| l.keys.clone());
+    if keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(given) = given else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing API key: send `Authorization: Bearer KEY`",
+        )
+        .with_code("invalid_api_key")
+        .into_response();
+    };
+    let mut ok = false;
+    for k in keys.iter() {
+        ok |= same_secret(given.as_bytes(), k.expose().as_bytes());
+    }
+    if !ok {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid API key",
+        )
+        .with_code("invalid_api_key")
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Reads the request body within the size limit (413) and the body timeout (408).
+async fn read_body(s: &ApiState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let (limit, timeout) = s.live(|l| (l.max_body, l.body_timeout));
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is larger than {limit} bytes ([api] max_body)"),
+        )
+    };
+    if let Some(len) = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit
+    {
+        return Err(too_large());
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the request body did not arrive within {timeout:?} ([api] body_timeout)"),
+        )),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("cannot read the request body: {e}"),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+/// Parses JSON into `T`; a wrong shape names the field (`messages[0].role`).
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("the request body is not valid JSON: {inner}")
+        } else if path == "." {
+            format!("invalid request body: {inner}")
+        } else {
+            format!("invalid field `{path}`: {inner}")
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    })
+}
+
+/// A session id: 1 to 200 printable ASCII characters without spaces.
+fn valid_session_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 200 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "session id `{}` is not valid: use 1 to 200 printable ASCII characters without spaces",
+            id.escape_default()
+        ));
+    }
+    Ok(())
+}
+
+fn busy(e: &super::sessions::Busy) -> Response {
+    let mut r = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        e.to_string(),
+    )
+    .into_response();
+    r.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn constant_time_comparison_is_equality() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc"));
+        assert!(!same_secret(b"ab", b"abc"));
+        assert!(!same_secret(b"abcabc", b"abc"));
+        assert!(!same_secret(b"", b"abc"));
+        assert!(!same_secret(b"x", b""));
+        assert!(same_secret(b"", b""));
+    }
+}

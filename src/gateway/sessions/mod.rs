@@ -1,0 +1,600 @@
+//! Sessions: turns of one session run strictly one after another, in arrival order, from a
+//! bounded queue; different sessions run concurrently, up to `max_concurrent_runs`.
+//!
+//! A session is *busy* while it has a turn running or waiting. Each busy session holds one
+//! permit of a semaphore of `max_concurrent_runs`, taken when it becomes busy and given back
+//! when its queue runs dry: a turn for an idle session when no permit is left is refused
+//! (429), as is a turn for a session whose queue is full. A turn without a session is a
+//! session of its own for that purpose. Runs resumed after a restart were accepted before:
+//! they are queued whatever the limits.
+
+pub mod live;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Instant;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use super::agents::{Agent, AgentError, TurnInput};
+use crate::config::SessionsConfig;
+use crate::store::runs::{self, RunRow, RunStatus};
+use crate::store::{self, Store, StoreError};
+use live::{LiveRun, Phase, RunHub};
+
+/// Why a turn was not accepted (the API answers 429).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Busy {
+    #[error("{0} sessions are busy, the limit of [sessions] max_concurrent_runs; retry later")]
+    TooManySessions(usize),
+    #[error(
+        "session `{0}` already has {1} turns waiting, the limit of [sessions] queue_depth; retry later"
+    )]
+    QueueFull(String, usize),
+}
+
+/// Why an accepted chat turn produced no reply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TurnError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("cannot store the turn: {0}")]
+    Store(String),
+}
+
+/// One turn to run.
+pub struct Turn {
+    pub run_id: String,
+    pub session_id: Option<String>,
+    /// The messages the turn adds (after the stored history, when there is a session).
+    pub messages: Vec<Value>,
+    pub model: String,
+    pub params: Map<String, Value>,
+    pub stream: bool,
+    pub kind: TurnKind,
+}
+
+pub enum TurnKind {
+    /// A chat completion: the reply goes back to the request that waits for it.
+    Chat {
+        deltas: mpsc::UnboundedSender<String>,
+        done: oneshot::Sender<Result<String, TurnError>>,
+    },
+    /// A durable run: its events and result go to the store and to subscribers.
+    Run { live: Arc<LiveRun>, attempt: i64 },
+}
+
+struct Slot {
+    tx: mpsc::UnboundedSender<Turn>,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// The session scheduler, shared by the API handlers.
+#[derive(Clone)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    agent: RwLock<Arc<dyn Agent>>,
+    limits: SessionsConfig,
+    permits: Arc<Semaphore>,
+    slots: Mutex<HashMap<String, Slot>>,
+    queued: AtomicUsize,
+    runs: RunHub,
+}
+
+impl Sessions {
+    pub fn new(store: Store, agent: Arc<dyn Agent>, limits: &SessionsConfig) -> Self {
+        Sessions {
+            inner: Arc::new(Inner {
+                store,
+                agent: RwLock::new(agent),
+                limits: limits.clone(),
+                permits: Arc::new(Semaphore::new(limits.max_concurrent_runs)),
+                slots: Mutex::new(HashMap::new()),
+                queued: AtomicUsize::new(0),
+                runs: RunHub::default(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn runs(&self) -> &RunHub {
+        &self.inner.runs
+    }
+
+    pub fn set_agent(&self, agent: Arc<dyn Agent>) {
+        *self
+            .inner
+            .agent
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = agent;
+    }
+
+    fn agent(&self) -> Arc<dyn Agent> {
+        self.inner
+            .agent
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn limits(&self) -> &SessionsConfig {
+        &self.inner.limits
+    }
+
+    /// `N active sessions, M runs queued` for `STATUS=`.
+    pub fn summary(&self) -> String {
+        let active = self.slots().len();
+        let queued = self.inner.queued.load(Ordering::Relaxed);
+        format!("{active} active sessions, {queued} runs queued")
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn key(turn: &Turn) -> String {
+        match &turn.session_id {
+            Some(s) => s.clone(),
+            // Session ids are printable: a NUL prefix cannot collide with one.
+            None => format!("\0{}", turn.run_id),
+        }
+    }
+
+    /// Whether a session has a turn running or waiting.
+    pub fn is_busy(&self, session_id: &str) -> bool {
+        self.slots().contains_key(session_id)
+    }
+
+    /// Whether a turn for `session_id` would be accepted now.
+    pub fn check(&self, session_id: Option<&str>) -> Result<(), Busy> {
+        let slots = self.slots();
+        match session_id.and_then(|s| slots.get(s)) {
+            Some(slot) => {
+                let w = slot.waiting.load(Ordering::Relaxed);
+                if w >= self.inner.limits.queue_depth {
+                    return Err(Busy::QueueFull(session_id.unwrap_or("").into(), w));
+                }
+                Ok(())
+            }
+            None if self.inner.permits.available_permits() == 0 => {
+                Err(Busy::TooManySessions(self.inner.limits.max_concurrent_runs))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a turn, or refuses it when the limits are reached.
+    pub fn submit(&self, turn: Turn) -> Result<(), Busy> {
+        self.enqueue(turn, false)
+    }
+
+    /// Queues a turn that was accepted before (a durable run): limits do not apply.
+    pub fn submit_accepted(&self, turn: Turn) {
+        // With `force`, enqueue never refuses.
+        let _ = self.enqueue(turn, true);
+    }
+
+    fn enqueue(&self, turn: Turn, force: bool) -> Result<(), Busy> {
+        let key = Self::key(&turn);
+        let mut slots = self.slots();
+        if let Some(slot) = slots.get(&key) {
+            let w = slot.waiting.load(Ordering::Relaxed);
+            if !force && w >= self.inner.limits.queue_depth {
+                return Err(Busy::QueueFull(key, w));
+            }
+            slot.waiting.fetch_add(1, Ordering::Relaxed);
+            self.inner.queued.fetch_add(1, Ordering::Relaxed);
+            match slot.tx.send(turn) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(turn)) => {
+                    // Cannot happen (workers leave under this lock); start afresh.
+                    slot.waiting.fetch_sub(1, Ordering::Relaxed);
+                    self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+                    slots.remove(&key);
+                    drop(slots);
+                    return self.enqueue(turn, force);
+                }
+            }
+        }
+        let permit = match self.inner.permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if force => None,
+            Err(_) => {
+                return Err(Busy::TooManySessions(self.inner.limits.max_concurrent_runs));
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(1));
+        self.inner.queued.fetch_add(1, Ordering::Relaxed);
+        // An unbounded channel: `queue_depth` is enforced above, with `waiting`.
+        let _ = tx.send(turn);
+        slots.insert(
+            key.clone(),
+            Slot {
+                tx,
+                waiting: waiting.clone(),
+            },
+        );
+        drop(slots);
+        let this = self.clone();
+        tokio::spawn(async move { this.worker(key, rx, waiting, permit).await });
+        Ok(())
+    }
+
+    /// Runs a session's turns one after another until its queue is empty.
+    async fn worker(
+        self,
+        key: String,
+        mut rx: mpsc::UnboundedReceiver<Turn>,
+        waiting: Arc<AtomicUsize>,
+        _permit: Option<OwnedSemaphorePermit>,
+    ) {
+        loop {
+            let turn = match rx.try_recv() {
+                Ok(t) => t,
+                Err(_) => {
+                    // Turns are sent under the slots lock: empty under it means done.
+                    let mut slots = self.slots();
+                    match rx.try_recv() {
+                        Ok(t) => t,
+                        Err(_) => {
+                            slots.remove(&key);
+                            return;
+                        }
+                    }
+                }
+            };
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+            self.execute(turn).await;
+        }
+    }
+
+    async fn history(&self, session_id: &Option<String>) -> Result<Vec<Value>, StoreError> {
+        let (Some(id), limit) = (session_id.clone(), self.inner.limits.history_limit) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .inner
+            .store
+            .read(move |c| store::sessions::history(c, &id, limit))
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| serde_json::from_str(r).ok())
+            .collect())
+    }
+
+    async fn execute(&self, turn: Turn) {
+        let Turn {
+            run_id,
+            session_id,
+            messages,
+            model,
+            params,
+            stream,
+            kind,
+        } = turn;
+        match kind {
+            TurnKind::Chat { deltas, done } => {
+                let started = Instant::now();
+                let history = match self.history(&session_id).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let _ = done.send(Err(TurnError::Store(e.to_string())));
+                        return;
+                    }
+                };
+                let input = TurnInput {
+                    session_id: session_id.clone(),
+                    run_id: run_id.clone(),
+                    model,
+                    messages: history
+                        .into_iter()
+                        .chain(messages.iter().cloned())
+                        .collect(),
+                    params,
+                    stream,
+                };
+                let agent = self.agent();
+                let mut sink = |d: &str| {
+                    let _ = deltas.send(d.to_owned());
+                };
+                let result = agent.run(&input, &mut sink).await;
+                let result = match (result, &session_id) {
+                    (Ok(reply), Some(sid)) => {
+                        let sid = sid.clone();
+                        let id = run_id.clone();
+                        let mut rows: Vec<String> = messages.iter().map(Value::to_string).collect();
+                        rows.push(json!({"role": "assistant", "content": reply}).to_string());
+                        match self
+                            .inner
+                            .store
+                            .write(move |c| {
+                                store::sessions::append(c, &sid, &rows, Some(&id), store::now_ms())
+                            })
+                            .await
+                        {
+                            Ok(()) => Ok(reply),
+                            Err(e) => Err(TurnError::Store(e.to_string())),
+                        }
+                    }
+                    (Ok(reply), None) => Ok(reply),
+                    (Err(e), _) => Err(TurnError::Agent(e)),
+                };
+                match &result {
+                    Ok(_) => tracing::debug!(
+                        session_key = session_id.as_deref().unwrap_or(""),
+                        run_id = %run_id,
+                        "turn done in {:.1}ms",
+                        started.elapsed().as_secs_f64() * 1000.0
+                    ),
+                    Err(e) => tracing::warn!(
+                        session_key = session_id.as_deref().unwrap_or(""),
+                        run_id = %run_id,
+                        "turn failed: {e}"
+                    ),
+                }
+                let _ = done.send(result);
+            }
+            TurnKind::Run { live, attempt } => {
+                self.execute_run(live, attempt, session_id, messages, model, params)
+                    .await;
+            }
+        }
+    }
+
+    /// Records an event: in memory for subscribers now, in the store with the next commit.
+    fn emit(&self, live: &LiveRun, kind: &str, fields: Map<String, Value>) {
+        let ev = live.push(kind, fields);
+        let id = live.id.clone();
+        self.inner.store.write_detached("run event", move |c| {
+            runs::append_event(c, &id, &ev, store::now_ms())
+        });
+    }
+
+    async fn execute_run(
+        &self,
+        live: Arc<LiveRun>,
+        attempt: i64,
+        session_id: Option<String>,
+        messages: Vec<Value>,
+        model: String,
+        params: Map<String, Value>,
+    ) {
+        let run_id = live.id.clone();
+        let skey = session_id.clone().unwrap_or_default();
+        if !live.start() {
+            // Cancelled while it waited: the cancel already stored that.
+            self.inner.runs.remove(&run_id);
+            return;
+        }
+        let started = Instant::now();
+        {
+            let id = run_id.clone();
+            self.inner.store.write_detached("run start", move |c| {
+                runs::set_running(c, &id, attempt, store::now_ms())
+            });
+        }
+        self.emit(&live, "run.started", obj(json!({ "attempt": attempt })));
+        tracing::info!(session_key = %skey, run_id = %run_id, "run started (attempt {attempt})");
+
+        let outcome = match self.history(&session_id).await {
+            Err(e) => Some(Err(TurnError::Store(e.to_string()))),
+            Ok(history) => {
+                let input = TurnInput {
+                    session_id: session_id.clone(),
+                    run_id: run_id.clone(),
+                    model: model.clone(),
+                    messages: history
+                        .into_iter()
+                        .chain(messages.iter().cloned())
+                        .collect(),
+                    params,
+                    stream: true,
+                };
+                let agent = self.agent();
+                let this = self.clone();
+                let live2 = live.clone();
+                let mut sink = move |d: &str| {
+                    this.emit(&live2, "message.delta", obj(json!({ "delta": d })));
+                };
+                tokio::select! {
+                    r = agent.run(&input, &mut sink) => Some(r.map_err(TurnError::Agent)),
+                    () = live.cancelled() => None,
+                }
+            }
+        };
+
+        let (status, output, error, kind, fields) = match outcome {
+            Some(Ok(reply)) => (
+                RunStatus::Completed,
+                Some(reply.clone()),
+                None,
+                "run.completed",
+                json!({ "output": reply }),
+            ),
+            Some(Err(e)) => (
+                RunStatus::Failed,
+                None,
+                Some(e.to_string()),
+                "run.failed",
+                json!({ "error": e.to_string() }),
+            ),
+            None => (RunStatus::Cancelled, None, None, "run.cancelled", json!({})),
+        };
+        let ev = live.push(kind, obj(fields));
+        let id = run_id.clone();
+        let sid = session_id.clone();
+        let reply = output.clone();
+        let err = error.clone();
+        let rows: Vec<String> = messages.iter().map(Value::to_string).collect();
+        let committed = self
+            .inner
+            .store
+            .write(move |c| {
+                let now = store::now_ms();
+                runs::finish(c, &id, status, reply.as_deref(), err.as_deref(), now)?;
+                runs::append_event(c, &id, &ev, now)?;
+                if let (Some(sid), Some(reply)) = (sid, reply) {
+                    let mut rows = rows;
+                    rows.push(json!({"role": "assistant", "content": reply}).to_string());
+                    store::sessions::append(c, &sid, &rows, Some(&id), now)?;
+                }
+                Ok(())
+            })
+            .await;
+        live.finish();
+        self.inner.runs.remove(&run_id);
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        match committed {
+            Err(e) => tracing::error!(session_key = %skey, run_id = %run_id,
+                "run finished ({}) but could not be stored: {e}; it will run again at the next start", status.as_str()),
+            Ok(()) => match &error {
+                Some(e) => {
+                    tracing::warn!(session_key = %skey, run_id = %run_id, "run failed after {ms:.0}ms: {e}")
+                }
+                None => {
+                    tracing::info!(session_key = %skey, run_id = %run_id, "run {} after {ms:.0}ms", status.as_str())
+                }
+            },
+        }
+    }
+
+    /// Creates a durable run: stored as queued, then queued for its session. The caller
+    /// checked the limits with [`Sessions::check`].
+    pub async fn create_run(&self, row: RunRow, messages: Vec<Value>) -> Result<(), StoreError> {
+        let live = LiveRun::new(row.id.clone(), Vec::new());
+        let ev = live.push(
+            "run.queued",
+            obj(json!({ "session_id": row.session_id, "model": row.model })),
+        );
+        let insert = row.clone();
+        // Live before it is stored, so that a subscriber never misses it in between.
+        self.inner.runs.insert(live.clone());
+        if let Err(e) = self
+            .inner
+            .store
+            .write(move |c| {
+                runs::insert(c, &insert)?;
+                runs::append_event(c, &insert.id, &ev, insert.created_at)
+            })
+            .await
+        {
+            self.inner.runs.remove(&row.id);
+            return Err(e);
+        }
+        tracing::info!(session_key = %row.session_id.as_deref().unwrap_or(""), run_id = %row.id, "run queued");
+        self.submit_accepted(Turn {
+            run_id: row.id,
+            session_id: row.session_id,
+            messages,
+            model: row.model,
+            params: Map::new(),
+            stream: true,
+            kind: TurnKind::Run { live, attempt: 1 },
+        });
+        Ok(())
+    }
+
+    /// Cancels a run. `Ok(None)`: unknown; `Ok(Some(status))`: its status afterwards.
+    pub async fn cancel_run(&self, id: &str) -> Result<Option<RunStatus>, StoreError> {
+        if let Some(live) = self.inner.runs.get(id) {
+            match live.request_cancel() {
+                Phase::Queued => {
+                    // The worker will skip it; the cancel is stored here.
+                    let ev = live.push("run.cancelled", Map::new());
+                    let rid = id.to_owned();
+                    self.inner
+                        .store
+                        .write(move |c| {
+                            let now = store::now_ms();
+                            runs::finish(c, &rid, RunStatus::Cancelled, None, None, now)?;
+                            runs::append_event(c, &rid, &ev, now)
+                        })
+                        .await?;
+                    live.finish();
+                    self.inner.runs.remove(id);
+                    tracing::info!(run_id = %id, "run cancelled before it started");
+                    return Ok(Some(RunStatus::Cancelled));
+                }
+                Phase::Running => {
+                    // The worker stores the cancel once the agent stopped.
+                    let mut rx = live.subscribe();
+                    let wait = async {
+                        while live.phase() != Phase::Finished {
+                            if rx.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
+                }
+                Phase::Finished => {}
+            }
+        }
+        let rid = id.to_owned();
+        let row = self.inner.store.read(move |c| runs::get(c, &rid)).await?;
+        Ok(row.map(|r| r.status))
+    }
+
+    /// At start: every run that was queued or running when the gateway stopped is queued
+    /// again, in its original order. A run that was running starts over from its input,
+    /// and its events say so (`run.resumed`). Blocking: call off the runtime.
+    pub fn resume_blocking(&self) -> Result<usize, StoreError> {
+        let pending = self.inner.store.read_blocking(runs::unfinished)?;
+        let n = pending.len();
+        for row in pending {
+            let id = row.id.clone();
+            let stored = self.inner.store.read_blocking(|c| runs::events(c, &id))?;
+            let live = LiveRun::new(row.id.clone(), stored);
+            let attempt = row.attempt.max(0) + 1;
+            if row.status == RunStatus::Running {
+                self.emit(
+                    &live,
+                    "run.resumed",
+                    obj(json!({
+                        "attempt": attempt,
+                        "reason": "the gateway restarted during the run; it runs again from its input",
+                    })),
+                );
+            }
+            let messages: Vec<Value> = serde_json::from_str(&row.input).unwrap_or_default();
+            tracing::info!(session_key = %row.session_id.as_deref().unwrap_or(""), run_id = %row.id,
+                "resuming run that was {} when the gateway stopped", row.status.as_str());
+            self.inner.runs.insert(live.clone());
+            self.submit_accepted(Turn {
+                run_id: row.id,
+                session_id: row.session_id,
+                messages,
+                model: row.model,
+                params: Map::new(),
+                stream: true,
+                kind: TurnKind::Run { live, attempt },
+            });
+        }
+        Ok(n)
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}

@@ -1,0 +1,92 @@
+//! Versioned schema migrations. `PRAGMA user_version` holds the version applied; each
+//! migration runs in its own transaction. Append new migrations, never edit old ones.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: sessions, their messages, runs and run events.
+    r#"
+    CREATE TABLE sessions (
+        id          TEXT PRIMARY KEY,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        messages    INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX sessions_updated ON sessions (updated_at);
+    CREATE TABLE messages (
+        session_id  TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        seq         INTEGER NOT NULL,
+        message     TEXT NOT NULL,
+        run_id      TEXT,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE runs (
+        id               TEXT PRIMARY KEY,
+        session_id       TEXT,
+        status           TEXT NOT NULL,
+        model            TEXT NOT NULL,
+        input            TEXT NOT NULL,
+        output           TEXT,
+        error            TEXT,
+        idempotency_key  TEXT UNIQUE,
+        request          TEXT,
+        attempt          INTEGER NOT NULL DEFAULT 0,
+        created_at       INTEGER NOT NULL,
+        started_at       INTEGER,
+        finished_at      INTEGER
+    );
+    CREATE INDEX runs_unfinished ON runs (status) WHERE status IN ('queued', 'running');
+    CREATE INDEX runs_session ON runs (session_id);
+    CREATE TABLE run_events (
+        run_id      TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        seq         INTEGER NOT NULL,
+        type        TEXT NOT NULL,
+        data        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+pub fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_path_buf(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let version = i as i64 + 1;
+        let err = |source| StoreError::Migrate {
+            path: path.to_path_buf(),
+            version,
+            source,
+        };
+        let tx = conn.transaction().map_err(err)?;
+        tx.execute_batch(sql).map_err(err)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        tracing::info!(
+            "database {}: migrated to schema version {version}",
+            path.display()
+        );
+    }
+    Ok(())
+}

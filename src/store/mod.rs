@@ -1,0 +1,327 @@
+//! Everything the gateway keeps on disk: one SQLite database (`gateway.db`, WAL) in the
+//! state folder, with versioned migrations applied at start.
+//!
+//! SQLite never runs on the async runtime. Writes go to one dedicated writer thread through
+//! a channel; it runs every job that queued up meanwhile in one transaction (group commit),
+//! each job in its own savepoint so that one failing job does not undo the others, and
+//! answers each caller only after the commit. Reads run on a small pool of read-only
+//! connections inside `spawn_blocking` (WAL lets them run beside the writer).
+
+mod migrations;
+pub mod runs;
+pub mod sessions;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use tokio::sync::oneshot;
+
+pub use migrations::SCHEMA_VERSION;
+
+/// The database file inside the state folder.
+pub const DB_FILE: &str = "gateway.db";
+
+/// At most this many jobs share one commit.
+const MAX_BATCH: usize = 512;
+/// Read connections kept open for reuse.
+const MAX_IDLE_READERS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the database {path} has schema version {found}, newer than this binary knows ({known}): it was written by a newer hermes-gateway; run that version, or give this one another [state] dir"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot migrate the database {path} to schema version {version}: {source}")]
+    Migrate {
+        path: PathBuf,
+        version: i64,
+        source: rusqlite::Error,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the database writer has stopped")]
+    WriterGone,
+    #[error("the database commit failed: {0}")]
+    Commit(String),
+}
+
+/// A write job: runs inside the batch's transaction (in its own savepoint) and returns
+/// whether it succeeded plus what to do once the commit is known.
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A cloneable handle on the database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    readers: Mutex<Vec<Connection>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `state_dir` and applies migrations.
+    /// Blocking: call before the runtime serves, or from `spawn_blocking`.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        let path = state_dir.join(DB_FILE);
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(open_err)?;
+        configure(&conn).map_err(open_err)?;
+        // WAL: readers never wait for the writer. FULL: a commit is on disk when acknowledged.
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "full")
+            .map_err(open_err)?;
+        migrations::apply(&mut conn, &path)?;
+
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(Some(tx)),
+                readers: Mutex::new(Vec::new()),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Job>> {
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs `f` in the next group commit; resolves once that commit is on disk.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| match f(conn) {
+            Ok(v) => (
+                true,
+                Box::new(move |committed: Result<(), StoreError>| {
+                    let _ = tx.send(committed.map(|()| v));
+                }),
+            ),
+            Err(e) => (
+                false,
+                Box::new(move |_| {
+                    let _ = tx.send(Err(StoreError::Sqlite(e)));
+                }),
+            ),
+        });
+        self.sender()
+            .ok_or(StoreError::WriterGone)?
+            .send(job)
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Queues `f` for the next group commit without waiting for it. Jobs run in the order
+    /// they were queued, so a later awaited write also proves this one committed.
+    pub fn write_detached<F>(&self, what: &'static str, f: F)
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+    {
+        let job: Job = Box::new(move |conn| {
+            let r = f(conn);
+            let ok = r.is_ok();
+            (
+                ok,
+                Box::new(move |committed: Result<(), StoreError>| {
+                    if let Err(e) = r.map_err(StoreError::from).and(committed) {
+                        tracing::error!("store: {what} failed: {e}");
+                    }
+                }),
+            )
+        });
+        match self.sender() {
+            Some(s) => {
+                if s.send(job).is_err() {
+                    tracing::error!("store: {what} dropped: the writer has stopped");
+                }
+            }
+            None => tracing::error!("store: {what} dropped: the store is closed"),
+        }
+    }
+
+    /// Runs `f` on a read connection, off the async runtime.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read_blocking(f))
+            .await
+            .map_err(|e| StoreError::Commit(format!("read task failed: {e}")))?
+    }
+
+    /// `read` for code that already runs off the runtime.
+    pub fn read_blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T>,
+    {
+        let conn = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.inner.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                configure(&c)?;
+                c
+            }
+        };
+        let r = f(&conn);
+        let mut pool = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < MAX_IDLE_READERS {
+            pool.push(conn);
+        }
+        Ok(r?)
+    }
+
+    /// Stops the writer after the jobs already queued, and waits for it.
+    pub fn close(&self) {
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let thread = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let result = run_batch(&mut conn, &mut batch, &mut done);
+        let msg = result.as_ref().err().map(ToString::to_string);
+        if let Some(m) = &msg {
+            tracing::error!("store: commit of {} writes failed: {m}", done.len());
+        }
+        for d in done.drain(..) {
+            d(match &msg {
+                None => Ok(()),
+                Some(m) => Err(StoreError::Commit(m.clone())),
+            });
+        }
+    }
+}
+
+fn run_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Job>,
+    done: &mut Vec<Completion>,
+) -> rusqlite::Result<()> {
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(t) => t,
+        Err(e) => {
+            // Nothing ran: dropping the jobs tells each awaiting caller its write failed.
+            batch.clear();
+            return Err(e);
+        }
+    };
+    for job in batch.drain(..) {
+        match tx.savepoint() {
+            Ok(mut sp) => {
+                let (ok, d) = job(&sp);
+                let kept = if ok {
+                    sp.commit()
+                } else {
+                    sp.rollback().and_then(|()| sp.commit())
+                };
+                if let Err(e) = kept {
+                    tracing::error!("store: savepoint failed: {e}");
+                }
+                done.push(d);
+            }
+            Err(e) => {
+                tracing::error!("store: cannot open a savepoint: {e}");
+                drop(job);
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// Milliseconds since the Unix epoch, the timestamps in the database.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,121 @@
+use super::*;
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    (dir, s)
+}
+
+#[tokio::test]
+async fn migrations_set_the_schema_version_and_reopen_cleanly() {
+    let (dir, s) = open();
+    s.close();
+    let s = Store::open(dir.path()).unwrap();
+    let v: i64 = s
+        .read(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+    }
+    let e = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(e, StoreError::SchemaTooNew { .. }), "{e}");
+    assert!(e.to_string().contains("newer"), "{e}");
+}
+
+#[tokio::test]
+async fn writes_are_visible_to_readers_after_commit() {
+    let (_d, s) = open();
+    s.write(|c| {
+        sessions::append(
+            c,
+            "s1",
+            &["{\"role\":\"user\",\"content\":\"hi\"}".into()],
+            None,
+            1,
+        )
+    })
+    .await
+    .unwrap();
+    s.write(|c| {
+        sessions::append(
+            c,
+            "s1",
+            &["{\"role\":\"assistant\",\"content\":\"hi\"}".into()],
+            None,
+            2,
+        )
+    })
+    .await
+    .unwrap();
+    let h = s.read(|c| sessions::history(c, "s1", 100)).await.unwrap();
+    assert_eq!(h.len(), 2);
+    assert!(h[1].contains("assistant"));
+    let row = s.read(|c| sessions::get(c, "s1")).await.unwrap().unwrap();
+    assert_eq!(row.messages, 2);
+    assert_eq!(row.updated_at, 2);
+}
+
+#[tokio::test]
+async fn a_failing_job_does_not_undo_its_batch_neighbours() {
+    let (_d, s) = open();
+    let mut waits = Vec::new();
+    for i in 0..50 {
+        let st = s.clone();
+        waits.push(tokio::spawn(async move {
+            st.write(move |c| {
+                if i == 25 {
+                    c.execute("INSERT INTO nowhere VALUES (1)", [])?;
+                }
+                sessions::append(c, &format!("s{i}"), &["{}".into()], None, 1)
+            })
+            .await
+        }));
+    }
+    let mut failed = 0;
+    for w in waits {
+        if w.await.unwrap().is_err() {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 1);
+    let n = s.read(sessions::count).await.unwrap();
+    assert_eq!(n, 49);
+}
+
+#[tokio::test]
+async fn detached_writes_commit_in_order_before_a_later_awaited_write() {
+    let (_d, s) = open();
+    for i in 0..10 {
+        s.write_detached("test", move |c| {
+            sessions::append(c, "s", &[format!("{{\"n\":{i}}}")], None, 1)
+        });
+    }
+    s.write(|_| Ok(())).await.unwrap();
+    let h = s.read(|c| sessions::history(c, "s", 100)).await.unwrap();
+    assert_eq!(h.len(), 10);
+    assert_eq!(h[9], "{\"n\":9}");
+}
+
+#[tokio::test]
+async fn history_limit_keeps_the_latest_messages() {
+    let (_d, s) = open();
+    let msgs: Vec<String> = (0..5).map(|i| format!("{{\"n\":{i}}}")).collect();
+    s.write(move |c| sessions::append(c, "s", &msgs, None, 1))
+        .await
+        .unwrap();
+    let h = s.read(|c| sessions::history(c, "s", 2)).await.unwrap();
+    assert_eq!(h, vec!["{\"n\":3}".to_string(), "{\"n\":4}".to_string()]);
+    assert!(s.write(|c| sessions::delete(c, "s")).await.unwrap());
+    assert!(s.read(|c| sessions::get(c, "s")).await.unwrap().is_none());
+    let h = s.read(|c| sessions::history(c, "s", 2)).await.unwrap();
+    assert!(h.is_empty(), "messages go with their session");
+}
