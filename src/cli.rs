@@ -26,6 +26,96 @@ pub enum Command {
     CheckConfig(ConfigArg),
     /// Ask the running gateway for its state over the control socket.
     Status(StatusArgs),
+    /// Restart the gateway gracefully, whoever supervises it, and verify it came back.
+    ///
+    /// Under systemd: SIGUSR1 to the unit (exit 75, relaunched with its sockets), then wait
+    /// for a new MainPID that reported READY. Under launchd: `launchctl kill SIGUSR1`, then
+    /// `launchctl kickstart -k` if launchd has not relaunched it in time. Unsupervised:
+    /// SIGUSR1 to the PID the control socket reports (the gateway re-executes itself).
+    Restart(ManageArgs),
+    /// Reload the configuration (SIGHUP) and verify the new one is live.
+    Reload(ManageArgs),
+    /// Stop the gateway gracefully and verify it stopped.
+    Stop(ManageArgs),
+    /// Install, remove or print the systemd units or the launchd property list.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Print the man page (roff) generated from these definitions.
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct ManageArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// How long to wait for the result before reporting failure.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The control socket [default: from the configuration].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The systemd unit [default: found from the running gateway, else hermes-gateway.service].
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// Talk to the user's service manager (systemctl --user, launchd gui/UID).
+    #[arg(long, conflicts_with = "system")]
+    pub user: bool,
+    /// Talk to the system's service manager.
+    #[arg(long)]
+    pub system: bool,
+    /// The launchd label.
+    #[arg(long, value_name = "LABEL", default_value = "ai.hermes.gateway")]
+    pub label: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Write the systemd units (or, on macOS, the launchd plist and bootstrap it).
+    Install(InstallArgs),
+    /// Remove what `install` wrote.
+    Uninstall(InstallArgs),
+    /// Print the rendered files.
+    Print(PrintArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// Per-user units (~/.config/systemd/user, or ~/Library/LaunchAgents).
+    #[arg(long, conflicts_with = "system")]
+    pub user: bool,
+    /// System units (/etc/systemd/system, or /Library/LaunchDaemons) [default as root].
+    #[arg(long)]
+    pub system: bool,
+    /// Overwrite or remove files that differ from what this version renders.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PrintArgs {
+    /// Which files.
+    #[arg(value_enum)]
+    pub kind: ServiceKind,
+    /// Render the per-user variant.
+    #[arg(long)]
+    pub user: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServiceKind {
+    Systemd,
+    Launchd,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); try \"60s\""))
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use hermes_gateway::cli::{Cli, Command};
+use hermes_gateway::cli::{Cli, Command, ServiceCommand};
 use hermes_gateway::lifecycle::{self, RunOptions, activation::ActivationEnv};
 use hermes_gateway::{commands, gateway};
 
@@ -23,6 +23,15 @@ fn main() -> ExitCode {
         ),
         Command::CheckConfig(args) => commands::check_config::run(&args),
         Command::Status(args) => commands::status::run(&args),
+        Command::Restart(args) => commands::manage::restart(&args),
+        Command::Reload(args) => commands::manage::reload(&args),
+        Command::Stop(args) => commands::manage::stop(&args),
+        Command::Service(ServiceCommand::Install(args)) => commands::service::install(&args, false),
+        Command::Service(ServiceCommand::Uninstall(args)) => {
+            commands::service::install(&args, true)
+        }
+        Command::Service(ServiceCommand::Print(args)) => commands::service::print(&args),
+        Command::Man => commands::man::print(),
     };
     status.into()
 }

@@ -2,4 +2,7 @@
 
 pub mod check_config;
 pub mod control_client;
+pub mod man;
+pub mod manage;
+pub mod service;
 pub mod status;
