@@ -495,3 +495,8 @@ pub fn start_api(setup: &Setup) -> (Gateway, SocketAddr, NotifySink) {
     let addr = listener_addr(&setup.control, "api");
     (gw, addr, notify)
 }
+
+/// Starts `cmd` (stdin null, stdout null, stderr captured) as a [`Gateway`].
+pub fn spawn_command(cmd: Command) -> Gateway {
+    Gateway::start(cmd)
+}
