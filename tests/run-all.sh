@@ -10,6 +10,7 @@ command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
 [ -x /lib/systemd/systemd ] || missing+=(systemd)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing test prerequisites: ${missing[*]}"
@@ -18,6 +19,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     echo "== missing ${missing[*]} and not root: the tests that need them will say so and skip"
   fi
+fi
+
+# The official `openai` Python client for tests/api_conformance.rs, in a venv of its own.
+venv=target/conformance-venv
+pin=$(grep -v '^#' tests/conformance/requirements.txt | head -n 1)
+if ! "$venv/bin/pip" freeze 2>/dev/null | grep -qixF "$pin"; then
+  echo "== creating $venv ($pin) for the conformance test"
+  { python3 -m venv "$venv" && "$venv/bin/pip" install -q -r tests/conformance/requirements.txt; } ||
+    echo "== could not create $venv: the conformance test will say so"
 fi
 
 # Library, binary and integration tests (benches are run by `cargo bench`, not here).
