@@ -208,7 +208,7 @@ impl Context {
             }
         };
         let reexec = self.supervisor == Supervisor::None && self.relaunch.is_some();
-        let handover = match serve_all(set, service.as_ref(), &drain, reexec) {
+        let (handover, accept_loops) = match serve_all(set, service.as_ref(), &drain, reexec) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!("cannot serve: {e}");
@@ -264,6 +264,12 @@ impl Context {
             config.drain_timeout
         );
         let extender = spawn_timeout_extender(notifier.clone(), drain.connections(), deadline);
+        // Every accept loop has stopped (and counted what it accepted) before the
+        // connections are counted down; otherwise a connection accepted at the very moment
+        // the drain began could be dropped unanswered — a reset, seen in the benchmark.
+        for l in accept_loops {
+            let _ = l.await;
+        }
         let left = {
             let wait = drain.wait();
             tokio::pin!(wait);
@@ -306,6 +312,7 @@ impl Context {
 }
 
 type Handover = Option<Vec<(String, std::os::fd::OwnedFd)>>;
+type AcceptLoops = Vec<tokio::task::JoinHandle<()>>;
 
 /// Starts an accept loop per listener. With `keep_for_reexec`, duplicates of the sockets
 /// are kept for the hand-over to the next image.
@@ -314,16 +321,22 @@ fn serve_all<S: Service>(
     service: &S,
     drain: &Drain,
     keep_for_reexec: bool,
-) -> std::io::Result<Handover> {
+) -> std::io::Result<(Handover, AcceptLoops)> {
     let mut handover = keep_for_reexec.then(Vec::new);
+    let mut loops = Vec::new();
     for l in set.listeners {
         if let Some(h) = handover.as_mut() {
             h.push((l.name.clone(), l.socket.as_fd().try_clone_to_owned()?));
         }
         let router = service.router(&l.name);
-        serve::spawn(l, router, drain.shutdown(), drain.connections())?;
+        loops.push(serve::spawn(
+            l,
+            router,
+            drain.shutdown(),
+            drain.connections(),
+        )?);
     }
-    Ok(handover)
+    Ok((handover, loops))
 }
 
 fn flush(notes: Notes) {
@@ -419,8 +432,10 @@ fn spawn_status_refresher<S: Service>(
     service: Arc<S>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut last = String::new();
+        // READY=1 carried the current line already.
+        let mut last = status_line(&handle, service.as_ref());
         let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.tick().await;
         loop {
             tick.tick().await;
             let line = status_line(&handle, service.as_ref());

@@ -104,13 +104,16 @@ async fn accept_loop<S, F, Fut>(
             _ = shutdown.started() => break,
             r = accept() => match r {
                 Ok((stream, peer)) => {
+                    // Counted here, not when the task first runs: the drain must see every
+                    // connection that was accepted.
+                    let guard = tracker.open();
                     let conn = Connection {
                         info: ConnInfo { listener: name.clone(), peer: peer.into() },
                         router: router.clone(),
                         shutdown: shutdown.clone(),
                         tracker: tracker.clone(),
                     };
-                    tokio::spawn(conn.run(stream));
+                    tokio::spawn(conn.run(stream, guard));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -133,11 +136,10 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run<S>(self, stream: S)
+    async fn run<S>(self, stream: S, _guard: super::drain::ConnectionGuard)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let _guard = self.tracker.open();
         let mut shutdown = self.shutdown.clone();
         let info = self.info.clone();
         let router = self.router.clone();
