@@ -25,8 +25,9 @@ pub const DB_FILE: &str = "gateway.db";
 
 /// At most this many jobs share one commit.
 const MAX_BATCH: usize = 512;
-/// Read connections kept open for reuse.
-const MAX_IDLE_READERS: usize = 4;
+/// Read connections: async reads wait for one of these rather than open another (opening
+/// a connection costs more than most reads).
+const READERS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -72,6 +73,7 @@ struct Inner {
     path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     readers: Mutex<Vec<Connection>>,
+    read_permits: tokio::sync::Semaphore,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -117,6 +119,7 @@ impl Store {
                 path,
                 writer: Mutex::new(Some(tx)),
                 readers: Mutex::new(Vec::new()),
+                read_permits: tokio::sync::Semaphore::new(READERS),
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -196,6 +199,12 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
+        let _permit = self
+            .inner
+            .read_permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.read_blocking(f))
             .await
@@ -230,7 +239,7 @@ impl Store {
             .readers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if pool.len() < MAX_IDLE_READERS {
+        if pool.len() < READERS {
             pool.push(conn);
         }
         Ok(r?)

@@ -1,0 +1,325 @@
+//! API benchmark: `cargo bench --bench api`.
+//!
+//! Starts the release binary with the `echo` agent and drives it with a hyper client at 64
+//! keep-alive connections: `GET /health` against `POST /v1/chat/completions` with an
+//! `X-Hermes-Session-Id` header (each turn is a durable write, acknowledged after its group
+//! commit). Each connection keeps its own session and starts a new one every
+//! `TURNS_PER_SESSION` turns, so the history prepended stays that of a short conversation.
+//! Rounds alternate the two workloads; the medians are printed side by side. Then it
+//! stores 10,000 sessions and reports the gateway's resident memory.
+//!
+//! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3),
+//! BENCH_CONNS (default 64).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hermes-gateway");
+const TURNS_PER_SESSION: u64 = 20;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path) -> Gateway {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\napi = \"127.0.0.1:{port}\"\nwebhook = \"off\"\ncontrol = \"{}\"\n[state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n[sessions]\nmax_concurrent_runs = 256\n",
+            dir.join("control.sock").display(),
+            dir.join("state").display()
+        ),
+    )
+    .expect("write config");
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the gateway");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let end = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < end, "the gateway did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Gateway { child, addr }
+}
+
+#[derive(Clone, Copy)]
+enum Load {
+    Health,
+    SessionTurn,
+}
+
+struct Outcome {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+async fn connection(
+    addr: SocketAddr,
+    load: Load,
+    conn_id: usize,
+    round: usize,
+    until: Instant,
+    errors: Arc<AtomicU64>,
+) -> Vec<u32> {
+    let mut lat = Vec::with_capacity(100_000);
+    let Ok(stream) = TcpStream::connect(addr).await else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return lat;
+    };
+    let _ = stream.set_nodelay(true);
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return lat;
+    };
+    tokio::spawn(conn);
+    let mut n: u64 = 0;
+    while Instant::now() < until {
+        let req = match load {
+            Load::Health => Request::get("/health")
+                .header("host", "bench")
+                .body(Full::new(Bytes::new())),
+            Load::SessionTurn => {
+                let session = format!("bench-{round}-{conn_id}-{}", n / TURNS_PER_SESSION);
+                let body = format!(
+                    r#"{{"model":"hermes-agent","messages":[{{"role":"user","content":"turn {n} of a benchmark conversation"}}]}}"#
+                );
+                Request::post("/v1/chat/completions")
+                    .header("host", "bench")
+                    .header("content-type", "application/json")
+                    .header("x-hermes-session-id", session)
+                    .body(Full::new(Bytes::from(body)))
+            }
+        };
+        let Ok(req) = req else { break };
+        n += 1;
+        let t = Instant::now();
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                let ok = resp.status().is_success();
+                if resp.into_body().collect().await.is_err() || !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    lat
+}
+
+fn run(addr: SocketAddr, load: Load, conns: usize, secs: u64, round: usize) -> Outcome {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let mut all: Vec<u32> = rt.block_on(async {
+        let tasks: Vec<_> = (0..conns)
+            .map(|i| tokio::spawn(connection(addr, load, i, round, until, errors.clone())))
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            if let Ok(v) = t.await {
+                all.extend(v);
+            }
+        }
+        all
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |&us| f64::from(us) / 1000.0)
+    };
+    Outcome {
+        rps: all.len() as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful.
+    let secs = env_u64("BENCH_SECS", 5);
+    let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
+    let conns = env_u64("BENCH_CONNS", 64) as usize;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = start(dir.path());
+    println!(
+        "hermes-gateway API benchmark: {conns} keep-alive connections, {rounds} rounds of {secs}s each, echo agent, log level warn, {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    // Warm-up.
+    run(gw.addr, Load::Health, conns, 1, 0);
+    run(gw.addr, Load::SessionTurn, conns, 1, 0);
+
+    let mut health = Vec::new();
+    let mut turns = Vec::new();
+    for round in 1..=rounds {
+        let h = run(gw.addr, Load::Health, conns, secs, round);
+        let t = run(gw.addr, Load::SessionTurn, conns, secs, round);
+        println!(
+            "round {round}: GET /health {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors) | session turn {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors) | ratio {:.0}%",
+            h.rps,
+            h.p50_ms,
+            h.p99_ms,
+            h.errors,
+            t.rps,
+            t.p50_ms,
+            t.p99_ms,
+            t.errors,
+            100.0 * t.rps / h.rps.max(1.0)
+        );
+        health.push(h);
+        turns.push(t);
+    }
+    let med = |v: &[Outcome], f: fn(&Outcome) -> f64| median(v.iter().map(f).collect());
+    let (hr, tr) = (med(&health, |o| o.rps), med(&turns, |o| o.rps));
+    println!(
+        "median: GET /health {hr:.0} req/s p50 {:.2} ms p99 {:.2} ms | session turn {tr:.0} req/s p50 {:.2} ms p99 {:.2} ms | session turns at {:.0}% of /health (target >= 40%, p99 <= 20 ms)",
+        med(&health, |o| o.p50_ms),
+        med(&health, |o| o.p99_ms),
+        med(&turns, |o| o.p50_ms),
+        med(&turns, |o| o.p99_ms),
+        100.0 * tr / hr.max(1.0)
+    );
+
+    // Resident memory with 10,000 stored sessions: the rounds above stored some already;
+    // a restart on the same state folder measures a gateway that holds them on disk only.
+    let pid = gw.child.id();
+    let stored = {
+        let c = rusqlite::Connection::open(dir.path().join("state/gateway.db")).expect("open db");
+        c.query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    println!(
+        "sessions stored by the rounds: {stored}; RSS after the load: {} KiB",
+        rss_kib(pid)
+    );
+    drop(gw);
+    let gw = start(dir.path());
+    let rss_idle = rss_kib(gw.child.id());
+    // Touch 10,000 distinct sessions through the API (one turn each).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    let addr = gw.addr;
+    let errors = rt.block_on(async move {
+        let mut tasks = Vec::new();
+        for c in 0..50u32 {
+            tasks.push(tokio::spawn(async move {
+                let mut errors = 0u32;
+                let Ok(stream) = TcpStream::connect(addr).await else {
+                    return 200;
+                };
+                let Ok((mut sender, conn)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                else {
+                    return 200;
+                };
+                tokio::spawn(conn);
+                for i in 0..200u32 {
+                    let req = Request::post("/v1/chat/completions")
+                        .header("host", "bench")
+                        .header("x-hermes-session-id", format!("mem-{c}-{i}"))
+                        .body(Full::new(Bytes::from_static(
+                            br#"{"messages":[{"role":"user","content":"remember me"}]}"#,
+                        )));
+                    let Ok(req) = req else { return errors + 1 };
+                    match sender.send_request(req).await {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.into_body().collect().await;
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                errors
+            }));
+        }
+        let mut e = 0;
+        for t in tasks {
+            e += t.await.unwrap_or(200);
+        }
+        e
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_after = rss_kib(gw.child.id());
+    let total = {
+        let c = rusqlite::Connection::open(dir.path().join("state/gateway.db")).expect("open db");
+        c.query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    println!(
+        "resident memory: {:.1} MiB at start with {stored} sessions stored; {:.1} MiB after 10,000 more session turns ({total} sessions stored, {errors} errors) (target <= 40 MiB)",
+        rss_idle as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
+}
