@@ -11,6 +11,10 @@ command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+# The package test builds the .deb (debhelper) and checks it (lintian).
+command -v dh >/dev/null 2>&1 || missing+=(debhelper)
+command -v lintian >/dev/null 2>&1 || missing+=(lintian)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing test prerequisites: ${missing[*]}"
@@ -28,6 +32,13 @@ if ! "$venv/bin/pip" freeze 2>/dev/null | grep -qixF "$pin"; then
   echo "== creating $venv ($pin) for the conformance test"
   { python3 -m venv "$venv" && "$venv/bin/pip" install -q -r tests/conformance/requirements.txt; } ||
     echo "== could not create $venv: the conformance test will say so"
+fi
+
+# The Debian package for tests/package.rs (needs root for the test itself anyway).
+if [ "$(id -u)" = 0 ] && command -v dh >/dev/null 2>&1; then
+  ./tests/build-deb.sh
+  HERMES_DEB=$(ls "$PWD"/target/deb/hermes-gateway_*.deb | grep -v dbgsym)
+  export HERMES_DEB
 fi
 
 # Library, binary and integration tests (benches are run by `cargo bench`, not here).

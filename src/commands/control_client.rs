@@ -51,3 +51,47 @@ pub fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String),
         })?;
     Ok((code, body.to_owned()))
 }
+
+/// The packaged units' control socket (`hermes-gateway-control.socket`).
+pub const SYSTEM_CONTROL_SOCKET: &str = "/run/hermes-gateway/control.sock";
+
+/// The control socket to talk to: `explicit` if given; otherwise the first of the
+/// configured path, the packaged system socket and the per-user one that answers, so that
+/// `sudo hermes-gateway status` finds the system service without flags. When none answers,
+/// the configured path (for the error message).
+pub fn find_socket(
+    explicit: Option<&Path>,
+    configured: Option<&Path>,
+) -> Option<std::path::PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(c) = configured {
+        candidates.push(c.to_path_buf());
+    }
+    candidates.push(SYSTEM_CONTROL_SOCKET.into());
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        candidates.push(std::path::PathBuf::from(x).join("hermes-gateway/control.sock"));
+    }
+    candidates.dedup();
+    candidates
+        .iter()
+        .find(|p| UnixStream::connect(p).is_ok())
+        .cloned()
+        .or_else(|| candidates.into_iter().next())
+}
+
+/// The control socket the configuration names, for client commands. A configuration that
+/// cannot be resolved (say, no HOME in a bare root shell) is not fatal here unless the file
+/// was given explicitly: the packaged and per-user sockets are still tried.
+pub fn configured_socket(config: Option<&Path>) -> Result<Option<std::path::PathBuf>, String> {
+    match crate::config::Config::load_or_default(config) {
+        Ok(c) => Ok(match c.listen.control {
+            crate::config::ListenAddr::Unix(p) => Some(p),
+            _ => None,
+        }),
+        Err(e) if config.is_some() => Err(e.to_string()),
+        Err(_) => Ok(None),
+    }
+}

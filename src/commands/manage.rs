@@ -10,7 +10,6 @@ use serde_json::Value;
 
 use super::control_client;
 use crate::cli::{ManageArgs, TargetArgs};
-use crate::config::{Config, ListenAddr};
 use crate::lifecycle::ExitStatus;
 
 const DEFAULT_UNIT: &str = "hermes-gateway.service";
@@ -58,17 +57,10 @@ fn report(r: Result<String, Failure>) -> ExitStatus {
 }
 
 fn control_socket(t: &TargetArgs) -> Option<PathBuf> {
-    if let Some(s) = &t.socket {
-        return Some(s.clone());
-    }
-    match Config::load_or_default(t.config.config.as_deref())
-        .ok()?
-        .listen
-        .control
-    {
-        ListenAddr::Unix(p) => Some(p),
-        _ => None,
-    }
+    let configured = control_client::configured_socket(t.config.config.as_deref())
+        .ok()
+        .flatten();
+    control_client::find_socket(t.socket.as_deref(), configured.as_deref())
 }
 
 /// The running gateway's status, if its control socket answers.

@@ -1,27 +1,20 @@
 use crate::cli::StatusArgs;
-use crate::config::{Config, ListenAddr};
 use crate::lifecycle::ExitStatus;
 
 use super::control_client;
 
 pub fn run(args: &StatusArgs) -> ExitStatus {
-    let socket = match &args.socket {
-        Some(s) => s.clone(),
-        None => match Config::load_or_default(args.config.config.as_deref()) {
-            Ok(c) => match c.listen.control {
-                ListenAddr::Unix(p) => p,
-                other => {
-                    eprintln!(
-                        "hermes-gateway: the control listener is `{other}`, not a Unix socket; pass --socket PATH"
-                    );
-                    return ExitStatus::Config;
-                }
-            },
-            Err(e) => {
-                eprintln!("hermes-gateway: {e}");
-                return ExitStatus::Config;
-            }
-        },
+    let configured = match control_client::configured_socket(args.config.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hermes-gateway: {e}");
+            return ExitStatus::Config;
+        }
+    };
+    let Some(socket) = control_client::find_socket(args.socket.as_deref(), configured.as_deref())
+    else {
+        eprintln!("hermes-gateway: no control socket configured; pass --socket PATH");
+        return ExitStatus::Config;
     };
     let body = match control_client::request(&socket, "GET", "/status") {
         Ok((200, body)) => body,

@@ -12,6 +12,7 @@ pub mod listeners;
 mod lock;
 pub mod notify;
 mod reexec;
+mod reload_signal;
 pub mod serve;
 mod signals;
 mod status;
@@ -158,6 +159,8 @@ impl Context {
             tracing::warn!("NOTIFY_SOCKET unusable, readiness will not be reported: {e}");
             Notifier::disabled()
         });
+        // RELOADING=1 straight from the SIGHUP handler (see reload_signal).
+        let reloading_from_handler = reload_signal::install(notifier.target());
         let mut config = self.config;
 
         // One gateway per state folder, before any listener serves.
@@ -234,6 +237,7 @@ impl Context {
                         &self.opts,
                         &mut config,
                         &notifier,
+                        reloading_from_handler,
                         &handle,
                         service.as_ref(),
                         &self.log,
@@ -358,17 +362,20 @@ fn reload<S: Service>(
     opts: &RunOptions,
     config: &mut Config,
     notifier: &Notifier,
+    announced: bool,
     handle: &LifecycleHandle,
     service: &S,
     log: &LogControl,
 ) {
     handle.set_state(State::Reloading);
-    let usec = notify::monotonic_usec();
-    let _ = notifier.send(&[
-        "RELOADING=1",
-        &format!("MONOTONIC_USEC={usec}"),
-        "STATUS=reloading configuration",
-    ]);
+    if !announced {
+        let usec = notify::monotonic_usec();
+        let _ = notifier.send(&[
+            "RELOADING=1",
+            &format!("MONOTONIC_USEC={usec}"),
+            "STATUS=reloading configuration",
+        ]);
+    }
     match Config::load_or_default(opts.config_path.as_deref()) {
         Ok(new) => {
             for ((name, old), (_, addr)) in config

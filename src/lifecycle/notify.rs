@@ -31,6 +31,10 @@ impl Notifier {
         Notifier { target: None }
     }
 
+    pub fn target(&self) -> Option<&UnixAddr> {
+        self.target.as_ref()
+    }
+
     pub fn enabled(&self) -> bool {
         self.target.is_some()
     }

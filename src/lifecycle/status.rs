@@ -50,7 +50,9 @@ pub struct StatusReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReloadInfo {
-    pub at_unix: u64,
+    /// 1 for the first reload of this process, +1 for each one after, failed or not.
+    pub number: u64,
+    pub at_unix_ms: u64,
     pub ok: bool,
     pub error: Option<String>,
 }
@@ -134,16 +136,18 @@ impl LifecycleHandle {
     }
 
     pub fn reloaded(&self, config: &Config, error: Option<String>) {
-        let at_unix = SystemTime::now()
+        let at_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            .map_or(0, |d| d.as_millis() as u64);
         self.with(|m| {
+            let number = m.last_reload.as_ref().map_or(1, |r| r.number + 1);
             if error.is_none() {
                 m.generation += 1;
             }
             m.config = config.origin();
             m.last_reload = Some(ReloadInfo {
-                at_unix,
+                number,
+                at_unix_ms,
                 ok: error.is_none(),
                 error,
             });

@@ -1,0 +1,269 @@
+//! The Debian package under real systemd 252: install (sockets listening at once, the
+//! gateway answering without a manual step), `systemctl status`/`journalctl` show what the
+//! gateway says, restarts, reload and an upgrade cost zero failed requests under load, and
+//! remove/purge leave nothing behind.
+//!
+//! The .deb comes from tests/build-deb.sh (tests/run-all.sh builds it and sets HERMES_DEB).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::load::{LoadClient, LoadConfig, LoadReport};
+use support::sdbox::{self, SystemdBox};
+
+const UNIT: &str = "hermes-gateway.service";
+const SOCKETS: [&str; 3] = [
+    "hermes-gateway-api.socket",
+    "hermes-gateway-webhook.socket",
+    "hermes-gateway-control.socket",
+];
+
+fn deb() -> Option<PathBuf> {
+    match std::env::var_os("HERMES_DEB").map(PathBuf::from) {
+        Some(p) if p.exists() => Some(p),
+        other => {
+            let why = format!(
+                "no package to test (HERMES_DEB={other:?}); tests/run-all.sh builds it with tests/build-deb.sh"
+            );
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must test the package: {why}"
+            );
+            eprintln!("SKIP package test: {why}");
+            None
+        }
+    }
+}
+
+/// The same package with a higher version: repacked, so that the upgrade runs the maintainer
+/// scripts of a real upgrade on a binary file that dpkg replaces.
+fn bumped(deb: &std::path::Path, dir: &std::path::Path) -> PathBuf {
+    let unpacked = dir.join("unpacked");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("run dpkg-deb");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "dpkg-deb",
+        "-R",
+        deb.to_str().unwrap(),
+        unpacked.to_str().unwrap(),
+    ]);
+    let control = unpacked.join("DEBIAN/control");
+    let text = std::fs::read_to_string(&control).unwrap();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("Version: ") {
+                format!("{l}+upgrade1")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&control, text + "\n").unwrap();
+    let out = dir.join("hermes-gateway_upgrade.deb");
+    run(&[
+        "dpkg-deb",
+        "-b",
+        "--root-owner-group",
+        unpacked.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    out
+}
+
+fn api() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8642))
+}
+
+fn main_pid(sb: &SystemdBox) -> String {
+    sb.show(UNIT, "MainPID")
+}
+
+fn wait_ready_new_pid(sb: &SystemdBox, old: &str, what: &str) {
+    sdbox::wait_until(what, Duration::from_secs(60), || {
+        let pid = main_pid(sb);
+        pid != "0" && pid != old && sb.show(UNIT, "SubState") == "running"
+    });
+}
+
+/// Runs `action` under 50 busy connections and returns what the clients saw.
+fn under_load(sb: &SystemdBox, what: &str, action: impl FnOnce()) -> LoadReport {
+    let mut cfg = LoadConfig::new(api(), "/health", 50);
+    cfg.max_duration = Duration::from_secs(120);
+    let load: LoadClient = sb.start_load(cfg);
+    assert!(
+        load.wait_for_ok(300, Duration::from_secs(20)),
+        "{what}: load is flowing"
+    );
+    action();
+    let (ok, _) = load.progress();
+    assert!(
+        load.wait_for_ok(ok + 300, Duration::from_secs(30)),
+        "{what}: requests flow afterwards"
+    );
+    let report = load.stop();
+    println!("== {what} under 50 connections:\n{report}");
+    report
+}
+
+#[test]
+fn package_installs_serves_restarts_upgrades_and_purges_cleanly() {
+    let Some(()) =
+        sdbox::require_or_skip("package_installs_serves_restarts_upgrades_and_purges_cleanly")
+    else {
+        return;
+    };
+    let Some(deb) = deb() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let upgrade = bumped(&deb, scratch.path());
+    let sb = SystemdBox::builder()
+        .host_file("/root/hermes-gateway.deb", &deb, 0o644)
+        .host_file("/root/hermes-gateway-upgrade.deb", &upgrade, 0o644)
+        .boot()
+        .expect("boot a systemd box");
+
+    // Install: sockets enabled and listening at once; the gateway answers with no manual step.
+    let out = sb.sh_ok("DEBIAN_FRONTEND=noninteractive dpkg -i /root/hermes-gateway.deb 2>&1");
+    println!("{out}");
+    for s in SOCKETS {
+        assert_eq!(
+            sb.show(s, "ActiveState"),
+            "active",
+            "{s} listens after install"
+        );
+        assert_eq!(
+            sb.systemctl(&["is-enabled", s]).status.code(),
+            Some(0),
+            "{s} is enabled"
+        );
+    }
+    let health = sb.sh_ok("curl -sf http://127.0.0.1:8642/health");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    let status =
+        String::from_utf8_lossy(&sb.systemctl(&["status", "--no-pager", UNIT]).stdout).into_owned();
+    assert!(
+        status.contains("Status: \"serving: 3 listeners"),
+        "systemctl status shows STATUS=:\n{status}"
+    );
+    let entries = sb.journal(&["-u", UNIT, "LISTENER=api"]);
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["PATH"] == "/health" && e.get("REQUEST_ID").is_some()),
+        "journalctl -u {UNIT} -o json carries the structured fields"
+    );
+    // The CLI finds the packaged control socket without flags.
+    let st = sb.exec_ok(&["hermes-gateway", "status", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&st).expect("status JSON");
+    assert_eq!(st["supervisor"], "systemd");
+    let origins: Vec<_> = st["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["origin"].clone())
+        .collect();
+    assert!(origins.iter().all(|o| o == "systemd"), "{origins:?}");
+    let sockets_since: Vec<String> = SOCKETS
+        .iter()
+        .map(|s| sb.show(s, "ActiveEnterTimestampMonotonic"))
+        .collect();
+
+    // Graceful restarts and a reload under load: zero failed requests.
+    let old = main_pid(&sb);
+    under_load(&sb, "systemctl restart", || {
+        sb.systemctl_ok(&["restart", UNIT]);
+        wait_ready_new_pid(&sb, &old, "systemctl restart");
+    })
+    .assert_clean();
+    let old = main_pid(&sb);
+    under_load(&sb, "hermes-gateway restart", || {
+        let out = sb.exec_ok(&["hermes-gateway", "restart"]);
+        assert!(
+            out.contains("restarted hermes-gateway.service")
+                && out.contains(&format!("PID {old} →")),
+            "{out}"
+        );
+    })
+    .assert_clean();
+    assert_ne!(main_pid(&sb), old);
+    under_load(&sb, "systemctl reload", || {
+        sb.systemctl_ok(&["reload", UNIT]);
+    })
+    .assert_clean();
+    let out = sb.exec_ok(&["hermes-gateway", "reload"]);
+    assert!(
+        out.starts_with("reloaded: configuration generation"),
+        "{out}"
+    );
+
+    // Upgrade: the service restarts on the new binary, the sockets are not restarted.
+    let old = main_pid(&sb);
+    under_load(&sb, "dpkg -i (upgrade)", || {
+        let out = sb
+            .sh_ok("DEBIAN_FRONTEND=noninteractive dpkg -i /root/hermes-gateway-upgrade.deb 2>&1");
+        println!("{out}");
+        wait_ready_new_pid(&sb, &old, "upgrade");
+    })
+    .assert_clean();
+    let pid = main_pid(&sb);
+    let exe = sb.sh_ok(&format!("readlink /proc/{pid}/exe"));
+    assert_eq!(
+        exe.trim(),
+        "/usr/bin/hermes-gateway",
+        "runs the new binary, not the deleted one"
+    );
+    let version = sb.sh_ok("dpkg-query -W -f '${Version}' hermes-gateway");
+    assert!(version.ends_with("+upgrade1"), "{version}");
+    for (s, since) in SOCKETS.iter().zip(&sockets_since) {
+        assert_eq!(
+            &sb.show(s, "ActiveEnterTimestampMonotonic"),
+            since,
+            "{s} was not restarted by the upgrade"
+        );
+    }
+
+    // Remove: stopped and disabled; the configuration stays until purge.
+    sb.sh_ok("DEBIAN_FRONTEND=noninteractive dpkg -r hermes-gateway 2>&1");
+    for u in SOCKETS.iter().chain([&UNIT]) {
+        assert_ne!(sb.show(u, "ActiveState"), "active", "{u} stopped on remove");
+    }
+    assert!(
+        sb.sh("curl -s -m 2 http://127.0.0.1:8642/health")
+            .status
+            .code()
+            != Some(0),
+        "nothing listens"
+    );
+    assert!(sb.sh("test -e /usr/bin/hermes-gateway").status.code() != Some(0));
+    assert!(
+        sb.sh("test -f /etc/hermes-gateway/gateway.toml")
+            .status
+            .success(),
+        "conffile kept on remove"
+    );
+
+    // Purge: nothing left but what the README says is kept (nothing: DynamicUser needs no user).
+    sb.sh_ok("DEBIAN_FRONTEND=noninteractive dpkg -P hermes-gateway 2>&1");
+    let left = sb.sh_ok(
+        "ls -d /etc/hermes-gateway /var/lib/hermes-gateway /var/lib/private/hermes-gateway /run/hermes-gateway \
+         /lib/systemd/system/hermes-gateway* /etc/systemd/system/*/hermes-gateway* /var/lib/systemd/deb-systemd-helper-enabled/*hermes* 2>/dev/null || true",
+    );
+    assert_eq!(left.trim(), "", "purge leaves nothing behind");
+    assert!(
+        sb.sh("getent passwd hermes-gateway").status.code() != Some(0),
+        "no static user"
+    );
+}
