@@ -222,7 +222,7 @@ fn bad_config_on_reload_keeps_the_old_one_and_says_so() {
     assert_eq!(get(api, "/health").unwrap().status, 200);
     let st = status_json(&setup.control);
     assert_eq!(st["last_reload"]["ok"], false);
-    assert!(gw.stderr().contains("reload failed"), "{}", gw.stderr());
+    gw.wait_stderr("reload failed", T);
     gw.signal(Signal::SIGTERM);
     assert_eq!(gw.wait(T).code(), Some(0));
 }
@@ -246,7 +246,7 @@ fn changed_listener_address_on_reload_is_a_warning() {
         200,
         "still serving the old address"
     );
-    assert!(gw.stderr().contains("takes a restart"), "{}", gw.stderr());
+    gw.wait_stderr("takes a restart", T);
     gw.signal(Signal::SIGTERM);
     assert_eq!(gw.wait(T).code(), Some(0));
 }
@@ -458,7 +458,7 @@ fn socket_with_an_unknown_name_is_closed_and_logged() {
         api["origin"], "bound",
         "the configured api address was bound instead"
     );
-    assert!(gw.stderr().contains("`metrics`"), "{}", gw.stderr());
+    gw.wait_stderr("`metrics`", T);
     // The unknown socket is closed: nothing listens on its port any more.
     let deadline = Instant::now() + T;
     while std::net::TcpStream::connect(addr(port)).is_ok() {
@@ -500,4 +500,47 @@ fn status_command_prints_for_people() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the gateway running?"));
+}
+
+#[test]
+fn slow_request_headers_get_408_and_an_idle_connection_just_closes() {
+    let setup = Setup::new("127.0.0.1:0", "[gateway]\nheader_timeout = \"300ms\"\n");
+    let notify = setup.notify();
+    let mut gw = setup.spawn(&[], &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())]);
+    notify.wait_for("READY=1", T);
+    let api = api_addr(&setup);
+
+    // Half a request line, then nothing: 408 in the OpenAI error shape, then the close.
+    let mut slow = Conn::open(api).unwrap();
+    slow.send("GET /health HTTP/1.1\r\nHost: te").unwrap();
+    let t0 = Instant::now();
+    let r = common::read_response(&mut slow.r).expect("a 408 answer");
+    assert_eq!(r.status, 408);
+    assert!(
+        r.body.contains("\"type\":\"request_timeout\""),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    // A keep-alive connection that was answered and then stays idle is closed without a word.
+    let mut idle = Conn::open(api).unwrap();
+    assert_eq!(idle.get("/health").unwrap().status, 200);
+    let mut rest = Vec::new();
+    use std::io::Read;
+    let n = idle.r.read_to_end(&mut rest).expect("closed cleanly");
+    assert_eq!(
+        n,
+        0,
+        "no unsolicited bytes on an idle connection: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    gw.signal(Signal::SIGTERM);
+    assert_eq!(gw.wait(T).code(), Some(0));
 }

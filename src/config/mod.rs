@@ -84,6 +84,9 @@ pub struct Config {
     /// During a drain, how long an idle keep-alive connection may still send one last
     /// request (answered with `Connection: close`) before it is closed.
     pub idle_grace: Duration,
+    /// How long a client may take to send a request's headers: 408 after that (and an idle
+    /// keep-alive connection is closed after it).
+    pub header_timeout: Duration,
     pub log_level: Option<String>,
     pub agent: AgentConfig,
     pub api: ApiConfig,
@@ -188,6 +191,7 @@ struct FileState {
 struct FileGateway {
     drain_timeout: Option<HumanDuration>,
     idle_grace: Option<HumanDuration>,
+    header_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,6 +236,7 @@ pub const DEFAULT_API: &str = "127.0.0.1:8642";
 pub const DEFAULT_WEBHOOK: &str = "127.0.0.1:8644";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(1000);
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where `FILE` comes from when `--config` is not given.
 pub fn default_config_path() -> Option<PathBuf> {
@@ -334,6 +339,10 @@ impl Config {
                 .drain_timeout
                 .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             idle_grace: f.gateway.idle_grace.map_or(DEFAULT_IDLE_GRACE, |d| d.0),
+            header_timeout: f
+                .gateway
+                .header_timeout
+                .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
             log_level: f.log.level.map(|l| l.0),
             agent,
             api,

@@ -211,13 +211,14 @@ impl Context {
             }
         };
         let reexec = self.supervisor == Supervisor::None && self.relaunch.is_some();
-        let (handover, accept_loops) = match serve_all(set, service.as_ref(), &drain, reexec) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!("cannot serve: {e}");
-                return Outcome::Exit(ExitStatus::Fatal);
-            }
-        };
+        let (handover, accept_loops) =
+            match serve_all(set, service.as_ref(), &drain, reexec, config.header_timeout) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!("cannot serve: {e}");
+                    return Outcome::Exit(ExitStatus::Fatal);
+                }
+            };
 
         // starting → serving
         handle.set_state(State::Serving);
@@ -325,6 +326,7 @@ fn serve_all<S: Service>(
     service: &S,
     drain: &Drain,
     keep_for_reexec: bool,
+    header_timeout: Duration,
 ) -> std::io::Result<(Handover, AcceptLoops)> {
     let mut handover = keep_for_reexec.then(Vec::new);
     let mut loops = Vec::new();
@@ -338,6 +340,7 @@ fn serve_all<S: Service>(
             router,
             drain.shutdown(),
             drain.connections(),
+            header_timeout,
         )?);
     }
     Ok((handover, loops))

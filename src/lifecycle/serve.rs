@@ -6,15 +6,18 @@
 //! `idle_grace` to send one more request before it is closed.
 
 use std::convert::Infallible;
+use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::ServiceExt;
 
 use super::drain::{ConnectionTracker, Shutdown};
@@ -30,9 +33,6 @@ pub struct ConnInfo {
 /// The id given to each request (also returned as `x-request-id`).
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
-
-/// Bound on the time a client may take to send request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
 
@@ -54,13 +54,21 @@ pub fn spawn(
     router: axum::Router,
     shutdown: Shutdown,
     tracker: Arc<ConnectionTracker>,
+    header_timeout: Duration,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let name: Arc<str> = listener.name.as_str().into();
+    let ctx = LoopContext {
+        name,
+        shutdown,
+        tracker,
+        router,
+        header_timeout,
+    };
     Ok(match listener.socket {
         Socket::Tcp(std) => {
             std.set_nonblocking(true)?;
             let l = Arc::new(tokio::net::TcpListener::from_std(std)?);
-            tokio::spawn(accept_loop(name, shutdown, tracker, router, move || {
+            tokio::spawn(accept_loop(ctx, move || {
                 let l = l.clone();
                 async move {
                     let (s, peer) = l.accept().await?;
@@ -72,7 +80,7 @@ pub fn spawn(
         Socket::Unix(std) => {
             std.set_nonblocking(true)?;
             let l = Arc::new(tokio::net::UnixListener::from_std(std)?);
-            tokio::spawn(accept_loop(name, shutdown, tracker, router, move || {
+            tokio::spawn(accept_loop(ctx, move || {
                 let l = l.clone();
                 async move {
                     let (s, _) = l.accept().await?;
@@ -87,17 +95,27 @@ pub fn spawn(
     })
 }
 
-async fn accept_loop<S, F, Fut>(
+struct LoopContext {
     name: Arc<str>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     tracker: Arc<ConnectionTracker>,
     router: axum::Router,
-    mut accept: F,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    header_timeout: Duration,
+}
+
+async fn accept_loop<S, F, Fut>(ctx: LoopContext, mut accept: F)
+where
+    S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<(S, String)>>,
 {
+    let LoopContext {
+        name,
+        mut shutdown,
+        tracker,
+        router,
+        header_timeout,
+    } = ctx;
     loop {
         tokio::select! {
             biased;
@@ -112,6 +130,7 @@ async fn accept_loop<S, F, Fut>(
                         router: router.clone(),
                         shutdown: shutdown.clone(),
                         tracker: tracker.clone(),
+                        header_timeout,
                     };
                     tokio::spawn(conn.run(stream, guard));
                 }
@@ -133,13 +152,22 @@ struct Connection {
     router: axum::Router,
     shutdown: Shutdown,
     tracker: Arc<ConnectionTracker>,
+    header_timeout: Duration,
 }
 
 impl Connection {
     async fn run<S>(self, stream: S, _guard: super::drain::ConnectionGuard)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
     {
+        // A second handle on the socket, to answer 408 after hyper gave up on the headers.
+        let late_writer = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(std::fs::File::from);
+        let stream = Watched::new(stream);
+        let unanswered = stream.unanswered.clone();
         let mut shutdown = self.shutdown.clone();
         let info = self.info.clone();
         let router = self.router.clone();
@@ -156,27 +184,131 @@ impl Connection {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(self.header_timeout)
             .serve_connection(TokioIo::new(stream), service);
         tokio::pin!(conn);
+        let ended = |r: Result<(), hyper::Error>| {
+            if let Err(e) = r
+                && e.is_timeout()
+                && unanswered.load(Ordering::Relaxed)
+            {
+                // Part of a request arrived, but not its headers in time: say so.
+                request_timeout(late_writer, &self.info, self.header_timeout);
+            }
+        };
 
         let idle_grace = tokio::select! {
-            _ = conn.as_mut() => return,
+            r = conn.as_mut() => return ended(r),
             (_, grace) = shutdown.started() => grace,
         };
         // Draining: responses now say `Connection: close`. Let an idle client send one
         // more request before the connection is closed under it.
         tokio::select! {
-            _ = conn.as_mut() => return,
+            r = conn.as_mut() => return ended(r),
             _ = tokio::time::sleep(idle_grace) => conn.as_mut().graceful_shutdown(),
         }
         tokio::select! {
-            _ = conn.as_mut() => {}
+            r = conn.as_mut() => ended(r),
             _ = shutdown.deadline() => {
                 tracing::warn!(listener = %self.info.listener, peer = %self.info.peer,
                     "drain deadline reached; closing connection");
             }
         }
+    }
+}
+
+/// Writes a 408 on a connection whose request headers did not arrive in time. Best effort:
+/// the socket is non-blocking and the answer small; the connection closes right after.
+fn request_timeout(writer: Option<std::fs::File>, info: &ConnInfo, limit: Duration) {
+    use std::io::Write;
+    let body = format!(
+        "{{\"error\":{{\"message\":\"request headers not received within {limit:?}\",\"type\":\"request_timeout\",\"code\":408}}}}"
+    );
+    let raw = format!(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Some(mut w) = writer {
+        let _ = w.write_all(raw.as_bytes());
+    }
+    tracing::info!(
+        target: "access",
+        listener = %info.listener,
+        peer = %info.peer,
+        status = 408u16,
+        "request headers not received within {limit:?}: 408"
+    );
+}
+
+/// The stream hyper reads, noting whether bytes arrived that no response has followed yet
+/// (a request in progress, as opposed to an idle keep-alive connection).
+struct Watched<S> {
+    inner: S,
+    unanswered: Arc<AtomicBool>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S) -> Self {
+        Watched {
+            inner,
+            unanswered: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.unanswered.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.unanswered.store(false, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.unanswered.store(false, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -210,6 +210,23 @@ impl Gateway {
         }
     }
 
+    /// Waits until the gateway's stderr contains `needle` (it is read by another thread, so
+    /// a line logged before a notification may arrive after it); panics after `timeout`.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let s = self.stderr();
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "stderr never contained {needle:?}:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
