@@ -165,6 +165,16 @@ fn package_installs_serves_restarts_upgrades_and_purges_cleanly() {
             .any(|e| e["PATH"] == "/health" && e.get("REQUEST_ID").is_some()),
         "journalctl -u {UNIT} -o json carries the structured fields"
     );
+    // A turn in a session logs SESSION_KEY and RUN_ID as journald fields.
+    let reply = sb.sh_ok(
+        "curl -sf -H 'content-type: application/json' -H 'X-Hermes-Session-Id: pkg-test' \
+         -d '{\"model\":\"hermes-agent\",\"messages\":[{\"role\":\"user\",\"content\":\"ping\"}]}' \
+         http://127.0.0.1:8642/v1/chat/completions",
+    );
+    assert!(reply.contains("ping"), "the echo agent answers: {reply}");
+    let turn = sb.wait_journal(UNIT, "run started", Duration::from_secs(10));
+    assert_eq!(turn["SESSION_KEY"], "pkg-test", "{turn}");
+    assert!(turn.get("RUN_ID").is_some(), "{turn}");
     // The CLI finds the packaged control socket without flags.
     let st = sb.exec_ok(&["hermes-gateway", "status", "--json"]);
     let st: serde_json::Value = serde_json::from_str(&st).expect("status JSON");
