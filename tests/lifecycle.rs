@@ -544,3 +544,33 @@ fn slow_request_headers_get_408_and_an_idle_connection_just_closes() {
     gw.signal(Signal::SIGTERM);
     assert_eq!(gw.wait(T).code(), Some(0));
 }
+
+#[test]
+fn children_do_not_inherit_the_activation_variables() {
+    if !require_socket_activate() {
+        return;
+    }
+    let port = free_port();
+    // A command agent that answers with what it sees of LISTEN_* in its environment.
+    let agent = "[agent]\nbackend = \"command\"\ncommand = [\"/bin/sh\", \"-c\", \"cat >/dev/null; echo pid=${LISTEN_PID:-unset} fds=${LISTEN_FDS:-unset} names=${LISTEN_FDNAMES:-unset}\"]\n";
+    let setup = Setup::new("127.0.0.1:1", agent);
+    let notify = setup.notify();
+    let mut gw = activated(&setup, port, &notify, &[]);
+    notify.wait_for("READY=1", T);
+    let mut c = Conn::open(addr(port)).unwrap();
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"env?"}]}"#;
+    c.send(&format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .unwrap();
+    let r = common::read_response(&mut c.r).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("pid=unset fds=unset names=unset"),
+        "the agent saw activation variables: {}",
+        r.body
+    );
+    gw.signal(Signal::SIGTERM);
+    assert_eq!(gw.wait(T).code(), Some(0));
+}
