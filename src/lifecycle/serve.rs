@@ -30,6 +30,14 @@ pub struct ConnInfo {
     pub peer: Arc<str>,
 }
 
+/// Fields the service wants on a request's access-log line (journald `SESSION_KEY`,
+/// `RUN_ID`), put into the response's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct LogFields {
+    pub session_key: Option<String>,
+    pub run_id: Option<String>,
+}
+
 /// The id given to each request (also returned as `x-request-id`).
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
@@ -339,11 +347,14 @@ async fn handle(
     }
     let status = resp.status().as_u16();
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let fields = resp.extensions().get::<LogFields>();
     tracing::info!(
         target: "access",
         request_id = %id,
         listener = %info.listener,
         peer = %info.peer,
+        session_key = fields.and_then(|f| f.session_key.as_deref()),
+        run_id = fields.and_then(|f| f.run_id.as_deref()),
         method = %method,
         path = %path,
         status,

@@ -23,6 +23,7 @@ use super::error::ApiError;
 use super::sessions::Sessions;
 use crate::config::{ApiConfig, Secret};
 use crate::lifecycle::Shutdown;
+use crate::lifecycle::serve::LogFields;
 
 /// The header that names the session a chat completion belongs to.
 pub const SESSION_HEADER: &str = "x-hermes-session-id";
@@ -95,8 +96,35 @@ pub fn router(state: Shared) -> Router {
             get(sessions::get).delete(sessions::delete),
         )
         .method_not_allowed_fallback(method_not_allowed)
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn(log_fields));
     v1.with_state(state)
+}
+
+/// Puts the session and run a request is about on its access-log line.
+async fn log_fields(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let session = req
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| path_id(path, "/v1/sessions/"));
+    let run = path_id(path, "/v1/runs/");
+    let mut resp = next.run(req).await;
+    let ext = resp.extensions_mut();
+    let mut fields = ext.remove::<LogFields>().unwrap_or_default();
+    fields.session_key = fields.session_key.or(session);
+    fields.run_id = fields.run_id.or(run);
+    ext.insert(fields);
+    resp
+}
+
+/// `abc` from `/v1/runs/abc/events` with prefix `/v1/runs/`.
+fn path_id(path: &str, prefix: &str) -> Option<String> {
+    let rest = path.strip_prefix(prefix)?;
+    let id = rest.split('/').next().unwrap_or_default();
+    (!id.is_empty()).then(|| id.to_owned())
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {

@@ -163,11 +163,17 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
 }
 
 fn accepted(id: &str, status: RunStatus) -> Response {
-    (
+    let mut resp = (
         StatusCode::ACCEPTED,
         Json(json!({"run_id": id, "status": status.as_str()})),
     )
-        .into_response()
+        .into_response();
+    resp.extensions_mut()
+        .insert(crate::lifecycle::serve::LogFields {
+            session_key: None,
+            run_id: Some(id.to_owned()),
+        });
+    resp
 }
 
 /// The run already created under `key`: the same answer again, or 409 for another body.
