@@ -34,7 +34,7 @@ pub enum Command {
     /// SIGUSR1 to the PID the control socket reports (the gateway re-executes itself).
     Restart(ManageArgs),
     /// Reload the configuration (SIGHUP) and verify the new one is live.
-    Reload(ManageArgs),
+    Reload(ReloadArgs),
     /// Stop the gateway gracefully and verify it stopped.
     Stop(ManageArgs),
     /// Install, remove or print the systemd units or the launchd property list.
@@ -52,6 +52,17 @@ pub struct ManageArgs {
     /// How long to wait for the result before reporting failure.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub manage: ManageArgs,
+    /// Send SIGHUP to this process and wait until it applied the configuration, without
+    /// asking the service manager: what the unit's `ExecReload=` runs, so that
+    /// `systemctl reload` returns only once the new configuration is live.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<i32>,
 }
 
 #[derive(Debug, Args)]

@@ -36,7 +36,7 @@ StartLimitBurst=60
 Type=notify
 NotifyAccess=main
 ExecStart=/usr/local/bin/hermes-gateway run
-ExecReload=/bin/kill -HUP $MAINPID
+ExecReload=/usr/local/bin/hermes-gateway reload --pid $MAINPID
 Restart=on-failure
 RestartSec={RESTART_SEC}
 SuccessExitStatus=75
@@ -271,6 +271,16 @@ fn socket_activated_unit_restarts_without_a_failed_request() {
         .show("hermes-gateway.service", "NRestarts")
         .parse()
         .unwrap_or(0);
+    // `systemctl reload` of the broken file fails, and the old configuration keeps serving.
+    let r = sb.systemctl(&["reload", "hermes-gateway.service"]);
+    assert!(
+        !r.status.success(),
+        "systemctl reload of a broken file must fail"
+    );
+    assert_eq!(sb.show("hermes-gateway.service", "ActiveState"), "active");
+    assert!(http_ok(&sb), "still serving after a refused reload");
+    let st = status(&sb);
+    assert_eq!(st["last_reload"]["ok"], false, "{st}");
     sb.systemctl_ok(&["kill", "-s", "USR1", "hermes-gateway.service"]);
     sdbox::wait_until("unit failed", Duration::from_secs(20), || {
         sb.show("hermes-gateway.service", "ActiveState") == "failed"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::control_client;
-use crate::cli::{ManageArgs, TargetArgs};
+use crate::cli::{ManageArgs, ReloadArgs, TargetArgs};
 use crate::lifecycle::ExitStatus;
 
 const DEFAULT_UNIT: &str = "hermes-gateway.service";
@@ -35,8 +35,8 @@ pub fn restart(args: &ManageArgs) -> ExitStatus {
     report(run_restart(args))
 }
 
-pub fn reload(args: &ManageArgs) -> ExitStatus {
-    report(run_reload(args))
+pub fn reload(args: &ReloadArgs) -> ExitStatus {
+    report(run_reload(&args.manage, args.pid))
 }
 
 pub fn stop(args: &ManageArgs) -> ExitStatus {
@@ -312,9 +312,13 @@ fn restart_launchd(
     ))
 }
 
-fn run_reload(args: &ManageArgs) -> Result<String, Failure> {
-    let (target, before) = locate(&args.target)?;
+fn run_reload(args: &ManageArgs, pid: Option<i32>) -> Result<String, Failure> {
     let socket = control_socket(&args.target);
+    let (target, before) = match pid {
+        // ExecReload=: signal the main process directly (asking systemd would recurse).
+        Some(pid) => (Target::Unsupervised { pid }, status(socket.as_deref())),
+        None => locate(&args.target)?,
+    };
     let generation = |s: &Option<Value>| s.as_ref().and_then(|s| s["config_generation"].as_u64());
     let reload_at = |s: &Option<Value>| s.as_ref().map(|s| s["last_reload"].clone());
     let (gen0, at0) = (generation(&before), reload_at(&before));
@@ -322,6 +326,14 @@ fn run_reload(args: &ManageArgs) -> Result<String, Failure> {
         // `systemctl reload` returns once the gateway sent READY=1 after RELOADING=1.
         Target::Systemd { unit, user } => {
             systemctl(*user, &["reload", unit])?;
+        }
+        Target::Unsupervised { pid } if before.is_none() || !pid_matches(&before, *pid) => {
+            // Nothing to verify against (or the socket belongs to another gateway): at
+            // least deliver the signal, like `kill -HUP` would.
+            send(*pid, nix::sys::signal::Signal::SIGHUP)?;
+            return Ok(format!(
+                "sent SIGHUP to PID {pid}; its control socket does not answer, so the result is not verified"
+            ));
         }
         Target::Launchd { .. } | Target::Unsupervised { .. } => {
             let pid = before
@@ -355,6 +367,10 @@ fn run_reload(args: &ManageArgs) -> Result<String, Failure> {
         gen0.map_or("?".into(), |g| g.to_string()),
         generation(&after).map_or("?".into(), |g| g.to_string())
     ))
+}
+
+fn pid_matches(status: &Option<Value>, pid: i32) -> bool {
+    status.as_ref().and_then(|s| s["pid"].as_i64()) == Some(i64::from(pid))
 }
 
 fn run_stop(args: &ManageArgs) -> Result<String, Failure> {

@@ -61,10 +61,15 @@ pub fn render_systemd(user: bool, binary: &Path, dir: &Path) -> Vec<Rendered> {
         .iter()
         .map(|(name, text)| Rendered {
             path: dir.join(name),
-            text: text.replace(
-                &format!("ExecStart={PACKAGED_BINARY} "),
-                &format!("ExecStart={} ", binary.display()),
-            ),
+            text: text
+                .replace(
+                    &format!("={PACKAGED_BINARY} "),
+                    &format!("={} ", binary.display()),
+                )
+                .replace(
+                    &format!("=+{PACKAGED_BINARY} "),
+                    &format!("=+{} ", binary.display()),
+                ),
         })
         .collect()
 }
@@ -373,6 +378,21 @@ mod tests {
         assert!(
             svc.text
                 .contains("ExecStart=/home/u/.cargo/bin/hermes-gateway run")
+        );
+        assert!(
+            svc.text
+                .contains("ExecReload=/home/u/.cargo/bin/hermes-gateway reload --pid")
+        );
+        assert!(
+            !svc.text.contains("/usr/bin/hermes-gateway"),
+            "{}",
+            svc.text
+        );
+        let system = render_systemd(false, Path::new("/opt/hg"), Path::new("/x"));
+        assert!(
+            system[0]
+                .text
+                .contains("ExecReload=+/opt/hg reload --pid $MAINPID")
         );
         assert!(
             !svc.text.contains("DynamicUser"),
