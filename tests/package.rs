@@ -172,9 +172,17 @@ fn package_installs_serves_restarts_upgrades_and_purges_cleanly() {
          http://127.0.0.1:8642/v1/chat/completions",
     );
     assert!(reply.contains("ping"), "the echo agent answers: {reply}");
-    let turn = sb.wait_journal(UNIT, "run started", Duration::from_secs(10));
-    assert_eq!(turn["SESSION_KEY"], "pkg-test", "{turn}");
-    assert!(turn.get("RUN_ID").is_some(), "{turn}");
+    let turn = sdbox::wait_for(
+        "access-log line with SESSION_KEY",
+        Duration::from_secs(10),
+        || {
+            sb.journal(&["-u", UNIT, "SESSION_KEY=pkg-test"])
+                .into_iter()
+                .next()
+        },
+    );
+    assert_eq!(turn["PATH"], "/v1/chat/completions", "{turn}");
+    assert_eq!(turn["STATUS"], "200", "{turn}");
     // The CLI finds the packaged control socket without flags.
     let st = sb.exec_ok(&["hermes-gateway", "status", "--json"]);
     let st: serde_json::Value = serde_json::from_str(&st).expect("status JSON");
