@@ -253,6 +253,72 @@ fn package_installs_serves_restarts_upgrades_and_purges_cleanly() {
         );
     }
 
+    // The installed units pass systemd-analyze (man page included), and the service is
+    // hardened to an exposure of 1.5 or lower.
+    let verify = sb.sh("systemd-analyze verify /lib/systemd/system/hermes-gateway*.service /lib/systemd/system/hermes-gateway*.socket 2>&1");
+    let said = String::from_utf8_lossy(&verify.stdout).into_owned();
+    assert!(
+        verify.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+    let security = sb.sh_ok("systemd-analyze security --offline=true /lib/systemd/system/hermes-gateway.service 2>&1 | tail -n 1");
+    let score: f64 = security
+        .split("hermes-gateway.service: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no score in {security:?}"));
+    println!("systemd-analyze security --offline=true: {score}");
+    assert!(score <= 1.5, "exposure {score} > 1.5");
+
+    // 25 graceful restarts in a minute do not trip the start limit ...
+    let t0 = std::time::Instant::now();
+    for i in 0..25 {
+        let old = main_pid(&sb);
+        sb.systemctl_ok(&["kill", "-s", "USR1", UNIT]);
+        wait_ready_new_pid(&sb, &old, &format!("graceful restart {i}"));
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "25 restarts took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        sb.show(UNIT, "ActiveState"),
+        "active",
+        "25 graceful restarts in a minute pass"
+    );
+    // ... while a real crash loop ends in `failed` instead of spinning.
+    let mut kills = 0;
+    while sb.show(UNIT, "ActiveState") != "failed" {
+        assert!(kills < 60, "a crash loop never ended in failed");
+        let pid = main_pid(&sb);
+        if pid != "0" {
+            sb.systemctl_ok(&["kill", "-s", "KILL", UNIT]);
+            kills += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        sb.show(UNIT, "ActiveState"),
+        "failed",
+        "stays failed: no restart loop"
+    );
+    let result = sb.show(UNIT, "Result");
+    let msgs = sb.journal_messages(UNIT).join("\n");
+    assert!(
+        result == "start-limit-hit" || msgs.contains("Start request repeated too quickly"),
+        "the start limit ended it (Result={result}):\n{msgs}"
+    );
+    println!("crash loop: failed (Result={result}) after {kills} kills");
+    sb.systemctl_ok(&["reset-failed", UNIT]);
+    sb.systemctl_ok(&["start", UNIT]);
+    assert!(
+        sb.sh_ok("curl -sf http://127.0.0.1:8642/health")
+            .contains("\"ok\"")
+    );
+
     // Remove: stopped and disabled; the configuration stays until purge.
     sb.sh_ok("DEBIAN_FRONTEND=noninteractive dpkg -r hermes-gateway 2>&1");
     for u in SOCKETS.iter().chain([&UNIT]) {
