@@ -40,6 +40,9 @@ pub enum Command {
     /// Install, remove or print the systemd units or the launchd property list.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// List webhook deliveries or retry one, over the control socket.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
     /// Print the man page (roff) generated from these definitions.
     #[command(hide = true)]
     Man,
@@ -145,6 +148,47 @@ pub struct RunArgs {
     /// (re-exec in place). `auto` detects systemd and launchd.
     #[arg(long, value_enum, default_value = "auto")]
     pub supervisor: SupervisorChoice,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// List deliveries, newest first: state, attempts, last error, next attempt.
+    List(DeliveriesListArgs),
+    /// Deliver a failed (or delivered, or waiting) delivery again, with a fresh budget of
+    /// attempts starting now.
+    Retry(DeliveriesRetryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The control socket [default: from the configuration].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the raw JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeliveriesListArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// Only deliveries in this state.
+    #[arg(long, value_parser = ["received", "pending", "attempting", "delivered", "failed"])]
+    pub state: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct DeliveriesRetryArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The delivery id (`dlv_…`, as the 202 answer and `deliveries list` show it).
+    pub id: String,
 }
 
 #[derive(Debug, Args)]

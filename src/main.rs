@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use hermes_gateway::cli::{Cli, Command, ServiceCommand};
+use hermes_gateway::cli::{Cli, Command, DeliveriesCommand, ServiceCommand};
 use hermes_gateway::lifecycle::{self, RunOptions, activation::ActivationEnv};
 use hermes_gateway::{commands, gateway};
 
@@ -31,6 +31,8 @@ fn main() -> ExitCode {
             commands::service::install(&args, true)
         }
         Command::Service(ServiceCommand::Print(args)) => commands::service::print(&args),
+        Command::Deliveries(DeliveriesCommand::List(args)) => commands::deliveries::list(&args),
+        Command::Deliveries(DeliveriesCommand::Retry(args)) => commands::deliveries::retry(&args),
         Command::Man => commands::man::print(),
     };
     status.into()

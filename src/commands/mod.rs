@@ -2,6 +2,7 @@
 
 pub mod check_config;
 pub mod control_client;
+pub mod deliveries;
 pub mod man;
 pub mod manage;
 pub mod service;

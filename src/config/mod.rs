@@ -6,6 +6,7 @@
 mod duration;
 mod paths;
 mod sections;
+mod webhook;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -18,6 +19,9 @@ pub use duration::HumanDuration;
 pub use paths::{default_control_path, default_state_dir};
 pub use sections::{
     AgentBackend, AgentConfig, ApiConfig, ByteSize, KeySource, OpenAiConfig, Secret, SessionsConfig,
+};
+pub use webhook::{
+    RateLimit, RouteConfig, SecretSource, SignatureScheme, TargetConfig, WebhookConfig,
 };
 
 /// Where a listener lives when the service manager did not hand one over.
@@ -91,6 +95,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub api: ApiConfig,
     pub sessions: SessionsConfig,
+    pub webhook: WebhookConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +174,8 @@ struct FileConfig {
     api: sections::FileApi,
     #[serde(default)]
     sessions: sections::FileSessions,
+    #[serde(default)]
+    webhook: webhook::FileWebhook,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -322,14 +329,17 @@ impl Config {
                 ),
             ));
         }
+        let webhook_listen = f
+            .listen
+            .webhook
+            .map_or_else(|| default(DEFAULT_WEBHOOK), Ok)?;
+        let webhook =
+            webhook::webhook(f.webhook, &webhook_listen).map_err(|(k, m)| invalid(&k, m))?;
         Ok(Config {
             source: path.map(Path::to_path_buf),
             listen: Listen {
                 api: api_listen.map_or_else(|| default(DEFAULT_API), Ok)?,
-                webhook: f
-                    .listen
-                    .webhook
-                    .map_or_else(|| default(DEFAULT_WEBHOOK), Ok)?,
+                webhook: webhook_listen,
                 control,
                 socket_mode: f.listen.socket_mode.map_or(0o600, |m| m.0),
             },
@@ -347,6 +357,7 @@ impl Config {
             agent,
             api,
             sessions,
+            webhook,
         })
     }
 

@@ -3,14 +3,18 @@
 //!
 //! A chat completion or a run crosses: `api` (HTTP, auth, validation) → `sessions` (the
 //! per-session queue and the concurrency limit) → `agents` (the backend) → `store`.
+//! A webhook crosses: `webhooks` (route, signature, template) → `deliveries` (the ledger:
+//! stored before the 202, then a run through `sessions`, then its result to the target).
 
 pub mod agents;
 mod api;
 mod control;
+pub mod deliveries;
 mod error;
 mod health;
 mod ids;
 pub mod sessions;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 
@@ -27,6 +31,30 @@ pub struct Gateway {
     lifecycle: LifecycleHandle,
     api: api::Shared,
     sessions: sessions::Sessions,
+    webhooks: webhooks::Shared,
+    ledger: deliveries::DeliveryLedger,
+}
+
+/// A route without a secret is only allowed where the webhook listener is loopback (or a
+/// Unix socket), whatever the file said: the socket may come from the service manager.
+fn check_insecure_routes(
+    config: &crate::config::WebhookConfig,
+    lifecycle: &LifecycleHandle,
+) -> Result<(), String> {
+    let Some(r) = config.routes.iter().find(|r| r.secret.is_none()) else {
+        return Ok(());
+    };
+    for l in lifecycle.listeners().iter().filter(|l| l.name == "webhook") {
+        if let Ok(a) = l.address.parse::<SocketAddr>()
+            && !a.ip().is_loopback()
+        {
+            return Err(format!(
+                "webhook route `{}` has no secret and the webhook listener is on {a}, not a loopback address: set its secret, secret_file or secret_credential",
+                r.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The API keys of the configuration: inline ones, then those of each file or credential
@@ -86,6 +114,21 @@ impl Gateway {
         if resumed > 0 {
             tracing::info!("{resumed} unfinished runs resumed");
         }
+        check_insecure_routes(&config.webhook, &lifecycle).map_err(ConfigurationError)?;
+        let (table, signing) =
+            webhooks::build_routes(&config.webhook).map_err(ConfigurationError)?;
+        let ledger = deliveries::DeliveryLedger::new(
+            sessions.store().clone(),
+            sessions.clone(),
+            &config.webhook,
+            &config.agent.model,
+            signing,
+        );
+        let resumed = tokio::task::block_in_place(|| ledger.resume_blocking())?;
+        if resumed > 0 {
+            tracing::info!("{resumed} undelivered webhook deliveries resumed");
+        }
+        let webhooks = webhooks::Webhooks::new(&config.webhook, table, ledger.clone());
         let api = api::ApiState::new(
             sessions.clone(),
             lifecycle.shutdown(),
@@ -97,6 +140,8 @@ impl Gateway {
             lifecycle,
             api,
             sessions,
+            webhooks,
+            ledger,
         })
     }
 }
@@ -111,9 +156,14 @@ impl Drop for Gateway {
 impl Service for Gateway {
     fn router(&self, name: &str) -> Router {
         match name {
-            "control" => control::router(self.lifecycle.clone()),
-            "api" => health::router().merge(api::router(self.api.clone())),
-            // The webhook routes arrive with the webhook issue; until then it answers health.
+            "control" => control::router(self.lifecycle.clone())
+                .merge(deliveries::api::router(self.ledger.clone(), "")),
+            "api" => health::router().merge(api::router(self.api.clone())).merge(
+                deliveries::api::router(self.ledger.clone(), "/v1").route_layer(
+                    axum::middleware::from_fn_with_state(self.api.clone(), api::authenticate),
+                ),
+            ),
+            "webhook" => health::router().merge(webhooks::router(self.webhooks.clone())),
             _ => health::router(),
         }
         .fallback(error::not_found)
@@ -134,6 +184,17 @@ impl Service for Gateway {
                 self.sessions.set_agent(agent);
             }
             Err(e) => tracing::error!("reload: [agent]: {e}; the previous backend stays in force"),
+        }
+        let routes = check_insecure_routes(&config.webhook, &self.lifecycle)
+            .and_then(|()| webhooks::build_routes(&config.webhook));
+        match routes {
+            Ok((table, signing)) => {
+                tracing::info!("{} webhook routes", config.webhook.routes.len());
+                self.webhooks.update(&config.webhook, table);
+                self.ledger
+                    .update(&config.webhook, &config.agent.model, signing);
+            }
+            Err(e) => tracing::error!("reload: {e}; the previous webhook routes stay in force"),
         }
         if &config.sessions != self.sessions.limits() {
             tracing::warn!("[sessions] changed: this takes a restart (SIGUSR1)");

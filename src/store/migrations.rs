@@ -52,6 +52,29 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, seq)
     ) WITHOUT ROWID;
     "#,
+    // 2: webhook deliveries: acceptance (deduplicated by the sender's id) and the ledger of
+    // each result's delivery to its target.
+    r#"
+    CREATE TABLE deliveries (
+        id               TEXT PRIMARY KEY,
+        route            TEXT NOT NULL,
+        source_id        TEXT NOT NULL,
+        event            TEXT NOT NULL,
+        state            TEXT NOT NULL,
+        prompt           TEXT NOT NULL,
+        session_id       TEXT,
+        run_id           TEXT NOT NULL,
+        target           TEXT NOT NULL,
+        result           TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        last_error       TEXT,
+        next_attempt_at  INTEGER,
+        received_at      INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL
+    );
+    CREATE INDEX deliveries_source ON deliveries (route, source_id, received_at);
+    CREATE INDEX deliveries_open ON deliveries (state) WHERE state NOT IN ('delivered', 'failed');
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -7,6 +7,7 @@
 //! answers each caller only after the commit. Reads run on a small pool of read-only
 //! connections inside `spawn_blocking` (WAL lets them run beside the writer).
 
+pub mod deliveries;
 mod migrations;
 pub mod runs;
 pub mod sessions;

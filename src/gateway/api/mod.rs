@@ -151,7 +151,7 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 /// Bearer keys, when any are configured. Every key is compared, match or not.
-async fn authenticate(State(s): State<Shared>, req: Request, next: Next) -> Response {
+pub(super) async fn authenticate(State(s): State<Shared>, req: Request, next: Next) -> Response {
     let keys = s.live(|l| l.keys.clone());
     if keys.is_empty() {
         return next.run(req).await;

@@ -1,0 +1,457 @@
+//! The delivery ledger: where an accepted webhook becomes a run, and the run's result goes
+//! to its target, at least once, across restarts.
+//!
+//! A delivery is stored (`received`) before the sender hears 202. Its task then makes sure
+//! the turn's run exists (created through the sessions machinery, which resumes it after a
+//! restart), waits for it, stores the outcome (`pending`) and delivers it: `attempting`,
+//! then `delivered`, or back to `pending` with a backoff, or `failed` when no attempt is
+//! left. At start every entry not delivered or failed gets its task again.
+
+pub mod api;
+mod target;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore};
+
+use super::ids::new_id;
+use super::sessions::Sessions;
+use super::sessions::live::Phase;
+use crate::config::WebhookConfig;
+use crate::store::deliveries::{self as rows, DeliveryRow};
+use crate::store::runs::{self, RunRow, RunStatus};
+use crate::store::{self, Store, StoreError};
+
+pub use target::Target;
+
+/// What a reload may change.
+#[derive(Clone)]
+struct Settings {
+    max_attempts: u32,
+    retry_initial: Duration,
+    retry_max: Duration,
+    target_timeout: Duration,
+    model: String,
+    /// Per route: the key that signs its http deliveries.
+    signing: Arc<HashMap<String, Vec<u8>>>,
+}
+
+/// A webhook, verified and rendered, ready to be stored.
+pub struct NewDelivery {
+    pub route: String,
+    pub source_id: String,
+    pub event: String,
+    pub prompt: String,
+    pub session_id: Option<String>,
+    pub target: Target,
+    /// Repeats of `source_id` received since then are duplicates.
+    pub dedup_since_ms: i64,
+}
+
+pub enum Acceptance {
+    Accepted(String),
+    Duplicate(String),
+}
+
+pub enum RetryOutcome {
+    NotFound,
+    InProgress(String),
+    Queued(Box<DeliveryRow>),
+}
+
+#[derive(Clone)]
+pub struct DeliveryLedger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    sessions: Sessions,
+    settings: RwLock<Settings>,
+    permits: Arc<Semaphore>,
+    /// Deliveries with a task, and the bell that makes it attempt now.
+    active: Mutex<HashMap<String, Arc<Notify>>>,
+    client: target::Client,
+}
+
+impl DeliveryLedger {
+    pub fn new(
+        store: Store,
+        sessions: Sessions,
+        config: &WebhookConfig,
+        model: &str,
+        signing: HashMap<String, Vec<u8>>,
+    ) -> Self {
+        DeliveryLedger {
+            inner: Arc::new(Inner {
+                store,
+                sessions,
+                settings: RwLock::new(Settings {
+                    max_attempts: config.max_attempts,
+                    retry_initial: config.retry_initial,
+                    retry_max: config.retry_max,
+                    target_timeout: config.target_timeout,
+                    model: model.to_owned(),
+                    signing: Arc::new(signing),
+                }),
+                permits: Arc::new(Semaphore::new(config.delivery_concurrency)),
+                active: Mutex::new(HashMap::new()),
+                client: target::client(),
+            }),
+        }
+    }
+
+    pub fn update(&self, config: &WebhookConfig, model: &str, signing: HashMap<String, Vec<u8>>) {
+        let mut s = self
+            .inner
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        s.max_attempts = config.max_attempts;
+        s.retry_initial = config.retry_initial;
+        s.retry_max = config.retry_max;
+        s.target_timeout = config.target_timeout;
+        s.model = model.to_owned();
+        s.signing = Arc::new(signing);
+    }
+
+    fn settings(&self) -> Settings {
+        self.inner
+            .settings
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Stores a delivery, unless its sender id was seen within the dedup window. Resolves
+    /// only after the commit: the caller may acknowledge then.
+    pub async fn accept(&self, d: NewDelivery) -> Result<Acceptance, StoreError> {
+        let now = store::now_ms();
+        let row = DeliveryRow {
+            id: new_id("dlv_"),
+            route: d.route,
+            source_id: d.source_id,
+            event: d.event,
+            state: "received".into(),
+            prompt: d.prompt,
+            session_id: d.session_id,
+            run_id: new_id("run_"),
+            target: d.target.to_json(),
+            result: None,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+            received_at: now,
+            updated_at: now,
+        };
+        let since = d.dedup_since_ms;
+        let stored = row.clone();
+        let outcome = self
+            .inner
+            .store
+            .write(move |c| {
+                // The writer is one thread: this check and the insert cannot interleave
+                // with another delivery's.
+                if let Some(id) = rows::find_recent(c, &stored.route, &stored.source_id, since)? {
+                    return Ok(Acceptance::Duplicate(id));
+                }
+                rows::insert(c, &stored)?;
+                Ok(Acceptance::Accepted(stored.id.clone()))
+            })
+            .await?;
+        if let Acceptance::Accepted(_) = &outcome {
+            self.spawn(row);
+        }
+        Ok(outcome)
+    }
+
+    /// At start: a task for every delivery not yet delivered or failed. Blocking.
+    pub fn resume_blocking(&self) -> Result<usize, StoreError> {
+        let open = self.inner.store.read_blocking(rows::open)?;
+        let n = open.len();
+        for row in open {
+            tracing::info!(route = %row.route, delivery_id = %row.id,
+                "resuming delivery that was {} when the gateway stopped", row.state);
+            self.spawn(row);
+        }
+        Ok(n)
+    }
+
+    pub async fn list(
+        &self,
+        state: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        self.inner
+            .store
+            .read(move |c| rows::list(c, state.as_deref(), limit))
+            .await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<DeliveryRow>, StoreError> {
+        let id = id.to_owned();
+        self.inner.store.read(move |c| rows::get(c, &id)).await
+    }
+
+    /// An operator's retry: a fresh budget of attempts, starting now.
+    pub async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError> {
+        let Some(row) = self.get(id).await? else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        if matches!(row.state.as_str(), "received" | "attempting") {
+            return Ok(RetryOutcome::InProgress(row.state));
+        }
+        let rid = id.to_owned();
+        let reset = self
+            .inner
+            .store
+            .write(move |c| rows::reset_for_retry(c, &rid, store::now_ms()))
+            .await?;
+        if !reset {
+            return Ok(RetryOutcome::InProgress(row.state));
+        }
+        let bell = self.active().get(id).cloned();
+        match bell {
+            Some(b) => b.notify_one(),
+            None => {
+                if let Some(r) = self.get(id).await? {
+                    self.spawn(r);
+                }
+            }
+        }
+        tracing::info!(route = %row.route, delivery_id = %id, "delivery retry requested");
+        Ok(match self.get(id).await? {
+            Some(r) => RetryOutcome::Queued(Box::new(r)),
+            None => RetryOutcome::NotFound,
+        })
+    }
+
+    pub async fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.inner.store.read(rows::count_by_state).await
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn spawn(&self, row: DeliveryRow) {
+        let bell = Arc::new(Notify::new());
+        {
+            let mut active = self.active();
+            if active.contains_key(&row.id) {
+                return;
+            }
+            active.insert(row.id.clone(), bell.clone());
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let id = row.id.clone();
+            this.drive(row, bell).await;
+            this.active().remove(&id);
+        });
+    }
+
+    /// One delivery, from its turn to its last attempt.
+    async fn drive(&self, mut row: DeliveryRow, bell: Arc<Notify>) {
+        if row.state == "received" {
+            let outcome = match self.turn(&row).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(route = %row.route, delivery_id = %row.id, run_id = %row.run_id,
+                        "delivery stalled: {e}; it resumes at the next start");
+                    return;
+                }
+            };
+            let text = outcome.to_string();
+            let id = row.id.clone();
+            let stored = text.clone();
+            if let Err(e) = self
+                .inner
+                .store
+                .write(move |c| rows::set_result(c, &id, &stored, store::now_ms()))
+                .await
+            {
+                tracing::error!(route = %row.route, delivery_id = %row.id,
+                    "cannot store the turn's outcome: {e}; it resumes at the next start");
+                return;
+            }
+            row.result = Some(text);
+            row.state = "pending".into();
+            row.attempts = 0;
+        }
+        let target = Target::from_json(&row.target);
+        let result: Value = row
+            .result
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok())
+            .unwrap_or(Value::Null);
+        let mut attempts = row.attempts.max(0);
+        let mut next = row.next_attempt_at.unwrap_or(0);
+        loop {
+            let wait = next - store::now_ms();
+            if wait > 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                    () = bell.notified() => { attempts = 0; }
+                }
+            }
+            let Ok(_permit) = self.inner.permits.clone().acquire_owned().await else {
+                return;
+            };
+            let s = self.settings();
+            attempts += 1;
+            {
+                let id = row.id.clone();
+                let n = attempts;
+                self.inner
+                    .store
+                    .write_detached("delivery attempt", move |c| {
+                        rows::set_attempting(c, &id, n, store::now_ms())
+                    });
+            }
+            let key = s.signing.get(&row.route).map(Vec::as_slice);
+            let sent = target
+                .send(&self.inner.client, &row, &result, key, s.target_timeout)
+                .await;
+            let now = store::now_ms();
+            match sent {
+                Ok(()) => {
+                    let id = row.id.clone();
+                    self.inner
+                        .store
+                        .write_detached("delivery done", move |c| rows::set_delivered(c, &id, now));
+                    tracing::info!(route = %row.route, delivery_id = %row.id,
+                        "delivered to {} (attempt {attempts})", target.describe());
+                    return;
+                }
+                Err(e) => {
+                    let left = attempts < i64::from(s.max_attempts);
+                    next = if left {
+                        now + backoff(attempts, s.retry_initial, s.retry_max).as_millis() as i64
+                    } else {
+                        0
+                    };
+                    let id = row.id.clone();
+                    let err = e.clone();
+                    let n = left.then_some(next);
+                    let _ = self
+                        .inner
+                        .store
+                        .write(move |c| rows::set_failed_attempt(c, &id, &err, n, now))
+                        .await;
+                    if left {
+                        tracing::warn!(route = %row.route, delivery_id = %row.id,
+                            "attempt {attempts} to {} failed: {e}; next in {}ms",
+                            target.describe(), next - now);
+                    } else {
+                        tracing::error!(route = %row.route, delivery_id = %row.id,
+                            "delivery failed after {attempts} attempts to {}: {e}", target.describe());
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The outcome of the delivery's turn: creates its run if the store has none yet, then
+    /// waits for it to finish.
+    async fn turn(&self, row: &DeliveryRow) -> Result<Value, String> {
+        let rid = row.run_id.clone();
+        let existing = self
+            .inner
+            .store
+            .read(move |c| runs::get(c, &rid))
+            .await
+            .map_err(|e| e.to_string())?;
+        match existing {
+            Some(r) if r.status.is_finished() => return Ok(outcome(&r)),
+            Some(_) => {} // resumed by the sessions at start
+            None => {
+                let messages = vec![json!({"role": "user", "content": row.prompt})];
+                let run = RunRow {
+                    id: row.run_id.clone(),
+                    session_id: row.session_id.clone(),
+                    status: RunStatus::Queued,
+                    model: self.settings().model,
+                    input: Value::from(messages.clone()).to_string(),
+                    output: None,
+                    error: None,
+                    idempotency_key: None,
+                    request: None,
+                    attempt: 0,
+                    created_at: store::now_ms(),
+                    started_at: None,
+                    finished_at: None,
+                };
+                self.inner
+                    .sessions
+                    .create_run(run, messages)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        if let Some(live) = self.inner.sessions.runs().get(&row.run_id) {
+            let mut rx = live.subscribe();
+            while live.phase() != Phase::Finished {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+        // Finished runs are stored before they leave the live set.
+        let rid = row.run_id.clone();
+        match self.inner.store.read(move |c| runs::get(c, &rid)).await {
+            Ok(Some(r)) if r.status.is_finished() => Ok(outcome(&r)),
+            Ok(_) => Err(format!("run {} did not finish", row.run_id)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn outcome(r: &RunRow) -> Value {
+    json!({
+        "status": r.status.as_str(),
+        "output": r.output,
+        "error": r.error,
+    })
+}
+
+/// `initial · 2^(n-1)`, at most `max`, then scaled by a random factor in [0.5, 1) so that
+/// deliveries that failed together do not retry together.
+pub fn backoff(attempt: i64, initial: Duration, max: Duration) -> Duration {
+    let exp = u32::try_from(attempt.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+    let base = initial.saturating_mul(1u32 << exp).min(max);
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let factor = 0.5 + (r >> 11) as f64 / (1u64 << 53) as f64 * 0.5;
+    base.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let i = Duration::from_millis(100);
+        let m = Duration::from_secs(1);
+        for n in 1..=10 {
+            let d = backoff(n, i, m);
+            let base = (i * 2u32.pow(n as u32 - 1)).min(m);
+            assert!(d >= base / 2 && d <= base, "attempt {n}: {d:?} vs {base:?}");
+        }
+    }
+}
