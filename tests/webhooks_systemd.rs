@@ -258,5 +258,29 @@ target = {{ type = "http", url = "{}" }}
         got.len(),
         kills.len()
     );
+    // The journal carries ROUTE and DELIVERY_ID as fields of their own.
+    let accepted = sb.journal(&["-u", "hermes-gateway.service", "MESSAGE=webhook accepted"]);
+    let e = accepted
+        .first()
+        .expect("an accepted delivery in the journal");
+    assert!(
+        e.get("ROUTE")
+            .and_then(|r| r.as_str())
+            .is_some_and(|r| !r.is_empty()),
+        "{e}"
+    );
+    assert!(
+        e.get("DELIVERY_ID")
+            .and_then(|d| d.as_str())
+            .is_some_and(|d| d.starts_with("dlv_")),
+        "{e}"
+    );
+    let route = e["ROUTE"].as_str().unwrap_or_default();
+    let by_route = sb.journal(&["-u", "hermes-gateway.service", &format!("ROUTE={route}")]);
+    assert!(
+        by_route.len() >= TOTAL / 2,
+        "journalctl ROUTE={route} filters: {} entries",
+        by_route.len()
+    );
     let _ = sb.shutdown();
 }
