@@ -91,7 +91,33 @@ pub fn configured_socket(config: Option<&Path>) -> Result<Option<std::path::Path
             crate::config::ListenAddr::Unix(p) => Some(p),
             _ => None,
         }),
-        Err(e) if config.is_some() => Err(e.to_string()),
-        Err(_) => Ok(None),
+        // A file that does not validate (the reload that is about to be refused, say) still
+        // names its control socket: read just that key.
+        Err(e) => {
+            match config.and_then(lenient_control) {
+                Some(p) => Ok(Some(p)),
+                None if config.is_some()
+                    && !matches!(e, crate::config::ConfigError::Invalid { .. }) =>
+                {
+                    Err(e.to_string())
+                }
+                None => Ok(crate::config::Config::defaults().ok().and_then(|c| {
+                    match c.listen.control {
+                        crate::config::ListenAddr::Unix(p) => Some(p),
+                        _ => None,
+                    }
+                })),
+            }
+        }
+    }
+}
+
+fn lenient_control(path: &Path) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = text.parse().ok()?;
+    let control = table.get("listen")?.get("control")?.as_str()?;
+    match crate::config::ListenAddr::parse(control).ok()? {
+        crate::config::ListenAddr::Unix(p) => Some(p),
+        _ => None,
     }
 }

@@ -369,6 +369,21 @@ fn run_reload(args: &ManageArgs, pid: Option<i32>) -> Result<String, Failure> {
     ))
 }
 
+/// Whether `pid` still runs: it exists and is not a zombie waiting for its parent.
+fn alive(pid: i32) -> bool {
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z"),
+        Err(_) => true,
+    }
+}
+
 fn pid_matches(status: &Option<Value>, pid: i32) -> bool {
     status.as_ref().and_then(|s| s["pid"].as_i64()) == Some(i64::from(pid))
 }
@@ -396,9 +411,7 @@ fn run_stop(args: &ManageArgs) -> Result<String, Failure> {
             // Exit 0 is a successful exit: launchd's KeepAlive{SuccessfulExit=false} leaves
             // it stopped.
             send(pid, nix::sys::signal::Signal::SIGTERM)?;
-            let gone = wait_until(args.timeout, || {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
-            });
+            let gone = wait_until(args.timeout, || !alive(pid));
             if !gone {
                 return fail(format!("PID {pid} still runs after {:?}", args.timeout));
             }
