@@ -319,6 +319,17 @@ fn package_installs_serves_restarts_upgrades_and_purges_cleanly() {
             .contains("\"ok\"")
     );
 
+    // `hermes-gateway stop` stops the unit and says the sockets still listen; the next
+    // connection starts it again.
+    let out = sb.exec_ok(&["hermes-gateway", "stop"]);
+    assert!(out.contains("stopped hermes-gateway.service"), "{out}");
+    assert_eq!(sb.show(UNIT, "ActiveState"), "inactive");
+    assert!(
+        sb.sh_ok("curl -sf http://127.0.0.1:8642/health")
+            .contains("\"ok\""),
+        "socket activation restarts it"
+    );
+
     // Remove: stopped and disabled; the configuration stays until purge.
     sb.sh_ok("DEBIAN_FRONTEND=noninteractive dpkg -r hermes-gateway 2>&1");
     for u in SOCKETS.iter().chain([&UNIT]) {
