@@ -12,6 +12,7 @@ mod control;
 pub mod deliveries;
 mod error;
 mod health;
+pub mod http_client;
 mod ids;
 pub mod sessions;
 pub mod webhooks;

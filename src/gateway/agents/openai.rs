@@ -8,21 +8,16 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use super::{Agent, AgentError, AgentFuture, DeltaSink, TurnInput};
 use crate::config::{AgentConfig, OpenAiConfig, Secret};
 
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
-
 /// Upstream error bodies are read up to this size for their message.
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
 
 pub struct OpenAi {
-    client: Client<Https, Full<Bytes>>,
+    client: crate::gateway::http_client::Client,
     url: http::Uri,
     model: String,
     key: Option<Secret>,
@@ -39,18 +34,7 @@ impl OpenAi {
         let url: http::Uri = format!("{}/chat/completions", c.base_url)
             .parse()
             .map_err(|e| format!("[agent] base_url `{}`: {e}", c.base_url))?;
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(c.connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(https);
+        let client = crate::gateway::http_client::build(c.connect_timeout);
         Ok(OpenAi {
             client,
             url,

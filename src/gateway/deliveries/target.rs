@@ -7,32 +7,18 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use crate::gateway::webhooks::signature;
 use crate::store::deliveries::DeliveryRow;
 
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
-pub type Client = hyper_util::client::legacy::Client<Https, Full<Bytes>>;
+pub use crate::gateway::http_client::Client;
 
 /// Of an error answer's body, this much is kept as the attempt's error.
 const ERROR_EXCERPT: usize = 200;
 
 pub fn client() -> Client {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(https)
+    crate::gateway::http_client::build(Duration::from_secs(10))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
