@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::oneshot;
 
@@ -88,6 +89,10 @@ impl std::fmt::Debug for Store {
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // Without the query planner stability guarantee, a statement with a bound `LIMIT ?`
+    // is compiled again at each new binding (SQLite 3.5x with STAT4): a cached statement
+    // would be parsed and planned anew on every call.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())
 }
 
@@ -294,7 +299,7 @@ fn run_batch(
     batch: &mut Vec<Job>,
     done: &mut Vec<Completion>,
 ) -> rusqlite::Result<()> {
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(t) => t,
         Err(e) => {
             // Nothing ran: dropping the jobs tells each awaiting caller its write failed.
@@ -303,13 +308,20 @@ fn run_batch(
         }
     };
     for job in batch.drain(..) {
-        match tx.savepoint() {
-            Ok(mut sp) => {
-                let (ok, d) = job(&sp);
+        // Cached statements: `Transaction::savepoint` would parse its SQL for every job.
+        match tx
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut s| s.execute([]))
+        {
+            Ok(_) => {
+                let (ok, d) = job(&tx);
                 let kept = if ok {
-                    sp.commit()
+                    tx.prepare_cached("RELEASE job")
+                        .and_then(|mut s| s.execute([]))
                 } else {
-                    sp.rollback().and_then(|()| sp.commit())
+                    tx.prepare_cached("ROLLBACK TO job")
+                        .and_then(|mut s| s.execute([]))
+                        .and_then(|_| tx.prepare_cached("RELEASE job")?.execute([]))
                 };
                 if let Err(e) = kept {
                     tracing::error!("store: savepoint failed: {e}");

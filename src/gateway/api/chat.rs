@@ -175,7 +175,8 @@ async fn completions_inner(
             params,
             stream,
             kind: TurnKind::Chat {
-                deltas: dtx,
+                // The reply's pieces as they come, for a client that streams.
+                deltas: stream.then_some(dtx),
                 done: done_tx,
             },
         })
