@@ -57,6 +57,11 @@ pub enum StoreError {
         version: i64,
         source: rusqlite::Error,
     },
+    #[error("cannot create the database {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("the database writer has stopped")]
@@ -111,6 +116,9 @@ impl Store {
             path: path.clone(),
             source,
         };
+        if !exists(&path) && !exists(&sibling(&path, "-wal")) {
+            create(&path)?;
+        }
         let mut conn = Connection::open(&path).map_err(open_err)?;
         configure(&conn).map_err(open_err)?;
         // WAL: readers never wait for the writer. FULL: a commit is on disk when acknowledged.
@@ -273,6 +281,60 @@ impl Store {
             let _ = t.join();
         }
     }
+}
+
+fn exists(p: &Path) -> bool {
+    p.symlink_metadata().is_ok()
+}
+
+/// `gateway.db` + `suffix`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Creates a new database at `path`, schema included, with two fsyncs (the file, then its
+/// folder) instead of the seven that opening it in place costs (the switch to WAL goes
+/// through a rollback journal, then the first WAL commit syncs the WAL header, the folder
+/// and the commit). It is built beside `path` without syncs and renamed into place once
+/// it is on disk, so a crash meanwhile leaves a stray `.new` file, never a damaged
+/// database.
+fn create(path: &Path) -> Result<(), StoreError> {
+    let tmp = sibling(path, ".new");
+    let io = |source| StoreError::Create {
+        path: tmp.clone(),
+        source,
+    };
+    let open_err = |source| StoreError::Open {
+        path: tmp.clone(),
+        source,
+    };
+    for suffix in ["", "-journal", "-wal", "-shm"] {
+        match std::fs::remove_file(sibling(&tmp, suffix)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+    }
+    let mut conn = Connection::open(&tmp).map_err(open_err)?;
+    configure(&conn).map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", "off")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "wal")
+        .map_err(open_err)?;
+    migrations::apply(&mut conn, path)?;
+    // Closing the last connection checkpoints the WAL into the file and removes it.
+    conn.close().map_err(|(_, e)| open_err(e))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
