@@ -5,7 +5,9 @@
 //! `X-Hermes-Session-Id` header (each turn is a durable write, acknowledged after its group
 //! commit). Each connection keeps its own session and starts a new one every
 //! `TURNS_PER_SESSION` turns, so the history prepended stays that of a short conversation.
-//! Rounds alternate the two workloads; the medians are printed side by side. Then it
+//! Rounds alternate the two workloads; the medians are printed side by side, with the CPU
+//! time per request of the gateway and of this load generator (both share the machine's
+//! cores), and the share of the CPU that other processes took meanwhile. Then it
 //! stores 10,000 sessions and reports the gateway's resident memory.
 //!
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3),
@@ -92,7 +94,43 @@ struct Outcome {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// CPU time (user + system) per request of the gateway and of this load generator, in
+    /// microseconds, and the share of the machine's CPU that other processes took.
+    gw_cpu_us: f64,
+    client_cpu_us: f64,
+    others_pct: f64,
 }
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// (busy, total) clock ticks of the whole machine.
+fn machine_ticks() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`): 100 on Linux.
+const TICK_US: f64 = 10_000.0;
 
 async fn connection(
     addr: SocketAddr,
@@ -152,7 +190,10 @@ async fn connection(
     lat
 }
 
-fn run(addr: SocketAddr, load: Load, conns: usize, secs: u64, round: usize) -> Outcome {
+fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outcome {
+    let addr = gw.addr;
+    let gw_pid = gw.child.id().to_string();
+    let (gw0, me0, m0) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -174,6 +215,12 @@ fn run(addr: SocketAddr, load: Load, conns: usize, secs: u64, round: usize) -> O
         all
     });
     let elapsed = started.elapsed().as_secs_f64();
+    // The client runtime is dropped first, so its threads' time is counted.
+    drop(rt);
+    let (gw1, me1, m1) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
+    let n = all.len().max(1) as f64;
+    let ours = (gw1 - gw0) + (me1 - me0);
+    let others = (m1.0 - m0.0).saturating_sub(ours);
     all.sort_unstable();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
@@ -184,6 +231,9 @@ fn run(addr: SocketAddr, load: Load, conns: usize, secs: u64, round: usize) -> O
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         errors: errors.load(Ordering::Relaxed),
+        gw_cpu_us: (gw1 - gw0) as f64 * TICK_US / n,
+        client_cpu_us: (me1 - me0) as f64 * TICK_US / n,
+        others_pct: 100.0 * others as f64 / (m1.1 - m0.1).max(1) as f64,
     }
 }
 
@@ -216,14 +266,14 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     // Warm-up.
-    run(gw.addr, Load::Health, conns, 1, 0);
-    run(gw.addr, Load::SessionTurn, conns, 1, 0);
+    run(&gw, Load::Health, conns, 1, 0);
+    run(&gw, Load::SessionTurn, conns, 1, 0);
 
     let mut health = Vec::new();
     let mut turns = Vec::new();
     for round in 1..=rounds {
-        let h = run(gw.addr, Load::Health, conns, secs, round);
-        let t = run(gw.addr, Load::SessionTurn, conns, secs, round);
+        let h = run(&gw, Load::Health, conns, secs, round);
+        let t = run(&gw, Load::SessionTurn, conns, secs, round);
         println!(
             "round {round}: GET /health {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors) | session turn {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors) | ratio {:.0}%",
             h.rps,
@@ -235,6 +285,10 @@ fn main() {
             t.p99_ms,
             t.errors,
             100.0 * t.rps / h.rps.max(1.0)
+        );
+        println!(
+            "         CPU per request: /health gateway {:.1} us + load generator {:.1} us | session turn gateway {:.1} us + load generator {:.1} us | other processes took {:.0}% / {:.0}% of the machine",
+            h.gw_cpu_us, h.client_cpu_us, t.gw_cpu_us, t.client_cpu_us, h.others_pct, t.others_pct
         );
         health.push(h);
         turns.push(t);

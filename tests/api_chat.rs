@@ -120,6 +120,36 @@ fn a_session_keeps_its_history_and_prepends_it() {
 }
 
 #[test]
+fn history_in_memory_keeps_the_limit_and_forgets_a_deleted_session() {
+    // The agent answers with the number of messages and the text of each.
+    let setup = Setup::new(
+        "127.0.0.1:0",
+        &format!(
+            "{}[sessions]\nhistory_limit = 3\n",
+            py_agent("print(f\"{len(msgs)}:\" + ','.join(m['content'] for m in msgs), end='')")
+        ),
+    );
+    let (_gw, addr, _n) = start_api(&setup);
+    let say = |text: &str| {
+        let r = chat(addr, Some("lim"), text, false);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(say("a"), "1:a");
+    assert_eq!(say("b"), "3:a,1:a,b");
+    // The newest 3 of the 4 stored messages, then the new one.
+    assert_eq!(say("c"), "4:1:a,b,3:a,1:a,b,c");
+    let d = request(addr, "DELETE", "/v1/sessions/lim", &[], "").unwrap();
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert_eq!(say("d"), "1:d", "a deleted session starts over");
+    let s = request(addr, "GET", "/v1/sessions/lim", &[], "").unwrap();
+    assert_eq!(s.json()["messages"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
 fn turns_of_one_session_run_in_order_one_at_a_time() {
     // Each turn sleeps, then answers with its text; overlapping turns would interleave.
     let setup = Setup::new(

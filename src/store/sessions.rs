@@ -58,14 +58,28 @@ pub fn append(
     run_id: Option<&str>,
     now: i64,
 ) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO sessions (id, created_at, updated_at, messages) VALUES (?1, ?2, ?2, 0)
-         ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at",
-    )?
-    .execute(params![id, now])?;
-    let first: i64 = conn
-        .prepare_cached("SELECT messages FROM sessions WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))?;
+    append_at(conn, id, messages, run_id, now).map(|_| ())
+}
+
+/// [`append`], returning the number of messages the session held before (the `seq` of
+/// the first one appended).
+pub fn append_at(
+    conn: &Connection,
+    id: &str,
+    messages: &[String],
+    run_id: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<i64> {
+    let n = messages.len() as i64;
+    let total: i64 = conn
+        .prepare_cached(
+            "INSERT INTO sessions (id, created_at, updated_at, messages) VALUES (?1, ?2, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at,
+                 messages = messages + excluded.messages
+             RETURNING messages",
+        )?
+        .query_row(params![id, now, n], |r| r.get(0))?;
+    let first = total - n;
     let mut ins = conn.prepare_cached(
         "INSERT INTO messages (session_id, seq, message, run_id, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -73,9 +87,7 @@ pub fn append(
     for (i, m) in messages.iter().enumerate() {
         ins.execute(params![id, first + i as i64, m, run_id, now])?;
     }
-    conn.prepare_cached("UPDATE sessions SET messages = ?2 WHERE id = ?1")?
-        .execute(params![id, first + messages.len() as i64])?;
-    Ok(())
+    Ok(first)
 }
 
 /// Deletes a session and its messages; whether it existed.

@@ -119,3 +119,34 @@ async fn history_limit_keeps_the_latest_messages() {
     let h = s.read(|c| sessions::history(c, "s", 2)).await.unwrap();
     assert!(h.is_empty(), "messages go with their session");
 }
+
+#[tokio::test]
+async fn a_new_database_is_built_aside_and_renamed_into_place() {
+    let dir = tempfile::tempdir().unwrap();
+    // What a crash during an earlier first start would have left.
+    std::fs::write(dir.path().join("gateway.db.new"), b"half-written").unwrap();
+    std::fs::write(dir.path().join("gateway.db.new-journal"), b"stale").unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    assert!(!dir.path().join("gateway.db.new").exists());
+    assert!(!dir.path().join("gateway.db.new-journal").exists());
+    let (mode, version): (String, i64) = s
+        .read(|c| {
+            Ok((
+                c.pragma_query_value(None, "journal_mode", |r| r.get(0))?,
+                c.pragma_query_value(None, "user_version", |r| r.get(0))?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!((mode.as_str(), version), ("wal", SCHEMA_VERSION));
+    s.write(|c| sessions::append(c, "s", &["{}".into()], None, 1))
+        .await
+        .unwrap();
+    s.close();
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        s.read(sessions::count).await.unwrap(),
+        1,
+        "kept across a reopen"
+    );
+}

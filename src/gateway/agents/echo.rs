@@ -14,7 +14,7 @@ impl Agent for Echo {
                 .iter()
                 .rev()
                 .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-                .map(content_text)
+                .map(|m| content_text(m))
                 .unwrap_or_default();
             on_delta(&reply);
             Ok(reply)

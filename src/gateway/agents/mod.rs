@@ -23,8 +23,9 @@ pub struct TurnInput {
     pub session_id: Option<String>,
     pub run_id: String,
     pub model: String,
-    /// The whole conversation: stored history, then the turn's new messages.
-    pub messages: Vec<Value>,
+    /// The whole conversation: stored history, then the turn's new messages. Shared with
+    /// the session's history in memory, so a turn does not copy its conversation.
+    pub messages: Vec<Arc<Value>>,
     /// Other chat-completion parameters from the client (temperature, max_tokens, …).
     pub params: Map<String, Value>,
     /// Whether the caller wants the reply as it is produced.

@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -72,6 +72,54 @@ impl Message {
             },
         );
         Value::Object(m)
+    }
+}
+
+/// A chat completion, serialized straight from these borrowed fields (a `json!` value
+/// would build a map of owned strings first).
+#[derive(Serialize)]
+struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [Choice<'a>; 1],
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize, Default)]
+struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+/// `application/json` from a `Vec` (axum's `Json` writes through a `BytesMut` writer, which
+/// costs more per small write than the serialization itself).
+fn json_response<T: Serialize>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(body) => (
+            [(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => ApiError::internal(format!("cannot encode the reply: {e}")).into_response(),
     }
 }
 
@@ -175,7 +223,8 @@ async fn completions_inner(
             params,
             stream,
             kind: TurnKind::Chat {
-                deltas: dtx,
+                // The reply's pieces as they come, for a client that streams.
+                deltas: stream.then_some(dtx),
                 done: done_tx,
             },
         })
@@ -187,19 +236,21 @@ async fn completions_inner(
             .await
             .map_err(|_| ApiError::internal("the turn was dropped").into_response())?;
         let reply = result.map_err(|e| turn_error(&e).into_response())?;
-        return Ok(Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": reply},
-                "finish_reason": "stop",
+        return Ok(json_response(&Completion {
+            id: &id,
+            object: "chat.completion",
+            created,
+            model: &model,
+            choices: [Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: &reply,
+                },
+                finish_reason: "stop",
             }],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        }))
-        .into_response());
+            usage: Usage::default(),
+        }));
     }
 
     let (tx, response) = sse::response();

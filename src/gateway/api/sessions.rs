@@ -111,12 +111,14 @@ pub async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Response
         .into_response();
     }
     let sid = id.clone();
-    match s
+    let deleted = s
         .sessions
         .store()
         .write(move |c| store::sessions::delete(c, &sid))
-        .await
-    {
+        .await;
+    // After the commit: a turn that raced the delete finds its copy stale by its count.
+    s.sessions.forget_history(&id);
+    match deleted {
         Err(e) => store_error(e),
         Ok(false) => ApiError::not_found("session", &id).into_response(),
         Ok(true) => {

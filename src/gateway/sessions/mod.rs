@@ -8,6 +8,7 @@
 //! session of its own for that purpose. Runs resumed after a restart were accepted before:
 //! they are queued whatever the limits.
 
+mod history;
 pub mod live;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use super::agents::{Agent, AgentError, TurnInput};
 use crate::config::SessionsConfig;
 use crate::store::runs::{self, RunRow, RunStatus};
 use crate::store::{self, Store, StoreError};
+use history::{HistoryCache, Recent};
 use live::{LiveRun, Phase, RunHub};
 
 /// Why a turn was not accepted (the API answers 429).
@@ -59,7 +61,8 @@ pub struct Turn {
 pub enum TurnKind {
     /// A chat completion: the reply goes back to the request that waits for it.
     Chat {
-        deltas: mpsc::UnboundedSender<String>,
+        /// Where the reply goes as it is produced, when the client streams.
+        deltas: Option<mpsc::UnboundedSender<String>>,
         done: oneshot::Sender<Result<String, TurnError>>,
     },
     /// A durable run: its events and result go to the store and to subscribers.
@@ -85,6 +88,8 @@ struct Inner {
     slots: Mutex<HashMap<String, Slot>>,
     queued: AtomicUsize,
     runs: RunHub,
+    /// Recent history of recently used sessions (see `history`).
+    recent: HistoryCache,
 }
 
 impl Sessions {
@@ -98,6 +103,7 @@ impl Sessions {
                 slots: Mutex::new(HashMap::new()),
                 queued: AtomicUsize::new(0),
                 runs: RunHub::default(),
+                recent: HistoryCache::default(),
             }),
         }
     }
@@ -262,22 +268,74 @@ impl Sessions {
         }
     }
 
-    async fn history(&self, session_id: &Option<String>) -> Result<Vec<Value>, StoreError> {
-        let (Some(id), limit) = (session_id.clone(), self.inner.limits.history_limit) else {
-            return Ok(Vec::new());
+    /// Forgets the in-memory history of a session, e.g. once it was deleted.
+    pub fn forget_history(&self, session_id: &str) {
+        self.inner.recent.forget(session_id);
+    }
+
+    /// The recent history of a session, for one turn: from memory when it is there, else
+    /// from the store. `None` when no history is prepended (no session, or a
+    /// `history_limit` of 0). Give it back with [`Sessions::keep_history`] once the turn's
+    /// messages are stored.
+    async fn history(&self, session_id: &Option<String>) -> Result<Option<Recent>, StoreError> {
+        let (Some(id), limit) = (session_id.as_deref(), self.inner.limits.history_limit) else {
+            return Ok(None);
         };
         if limit == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        let rows = self
+        if let Some(r) = self.inner.recent.take(id) {
+            return Ok(Some(r));
+        }
+        let id = id.to_owned();
+        let (stored, rows) = self
             .inner
             .store
-            .read(move |c| store::sessions::history(c, &id, limit))
+            .read(move |c| {
+                let Some(row) = store::sessions::get(c, &id)? else {
+                    return Ok((0, Vec::new()));
+                };
+                Ok((row.messages, store::sessions::history(c, &id, limit)?))
+            })
             .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| serde_json::from_str(r).ok())
-            .collect())
+        let mut recent = Recent::new(stored);
+        for r in rows {
+            if let Ok(v) = serde_json::from_str::<Value>(&r) {
+                recent.push(Arc::new(v), r.len(), limit as usize);
+            }
+        }
+        Ok(Some(recent))
+    }
+
+    /// After a turn of `session_id` stored `rows` (the messages `added`, as JSON) from
+    /// position `first`: the history in memory goes on from there, if it was still what
+    /// the store held.
+    fn keep_history(
+        &self,
+        session_id: &str,
+        recent: Option<Recent>,
+        first: i64,
+        added: impl IntoIterator<Item = Arc<Value>>,
+        rows: &[String],
+    ) {
+        let Some(mut recent) = recent else { return };
+        if recent.stored != first {
+            // The store changed under this copy (a delete, say): drop it.
+            return;
+        }
+        let limit = self.inner.limits.history_limit as usize;
+        for (m, row) in added.into_iter().zip(rows) {
+            recent.push(m, row.len(), limit);
+        }
+        recent.stored = first + rows.len() as i64;
+        self.inner.recent.put(session_id.to_owned(), recent);
+    }
+
+    /// Gives back a history that the turn did not change.
+    fn return_history(&self, session_id: &Option<String>, recent: Option<Recent>) {
+        if let (Some(id), Some(r)) = (session_id, recent) {
+            self.inner.recent.put(id.clone(), r);
+        }
     }
 
     async fn execute(&self, turn: Turn) {
@@ -293,19 +351,21 @@ impl Sessions {
         match kind {
             TurnKind::Chat { deltas, done } => {
                 let started = Instant::now();
-                let history = match self.history(&session_id).await {
+                let recent = match self.history(&session_id).await {
                     Ok(h) => h,
                     Err(e) => {
                         let _ = done.send(Err(TurnError::Store(e.to_string())));
                         return;
                     }
                 };
+                let messages: Vec<Arc<Value>> = messages.into_iter().map(Arc::new).collect();
                 let input = TurnInput {
                     session_id: session_id.clone(),
                     run_id: run_id.clone(),
                     model,
-                    messages: history
-                        .into_iter()
+                    messages: recent
+                        .iter()
+                        .flat_map(|r| r.messages.iter().cloned())
                         .chain(messages.iter().cloned())
                         .collect(),
                     params,
@@ -313,29 +373,50 @@ impl Sessions {
                 };
                 let agent = self.agent();
                 let mut sink = |d: &str| {
-                    let _ = deltas.send(d.to_owned());
+                    if let Some(deltas) = &deltas {
+                        let _ = deltas.send(d.to_owned());
+                    }
                 };
                 let result = agent.run(&input, &mut sink).await;
+                drop(input);
                 let result = match (result, &session_id) {
                     (Ok(reply), Some(sid)) => {
                         let sid = sid.clone();
                         let id = run_id.clone();
-                        let mut rows: Vec<String> = messages.iter().map(Value::to_string).collect();
-                        rows.push(json!({"role": "assistant", "content": reply}).to_string());
+                        let mut rows: Vec<String> =
+                            messages.iter().map(|m| m.to_string()).collect();
+                        let answer = Arc::new(json!({"role": "assistant", "content": reply}));
+                        rows.push(answer.to_string());
+                        let sid2 = sid.clone();
                         match self
                             .inner
                             .store
                             .write(move |c| {
-                                store::sessions::append(c, &sid, &rows, Some(&id), store::now_ms())
+                                let now = store::now_ms();
+                                store::sessions::append_at(c, &sid2, &rows, Some(&id), now)
+                                    .map(|first| (first, rows))
                             })
                             .await
                         {
-                            Ok(()) => Ok(reply),
+                            Ok((first, rows)) => {
+                                self.keep_history(
+                                    &sid,
+                                    recent,
+                                    first,
+                                    messages.into_iter().chain([answer]),
+                                    &rows,
+                                );
+                                Ok(reply)
+                            }
+                            // Whether it is stored is not known: the store is asked next time.
                             Err(e) => Err(TurnError::Store(e.to_string())),
                         }
                     }
                     (Ok(reply), None) => Ok(reply),
-                    (Err(e), _) => Err(TurnError::Agent(e)),
+                    (Err(e), _) => {
+                        self.return_history(&session_id, recent);
+                        Err(TurnError::Agent(e))
+                    }
                 };
                 match &result {
                     Ok(_) => tracing::debug!(
@@ -394,6 +475,8 @@ impl Sessions {
         self.emit(&live, "run.started", obj(json!({ "attempt": attempt })));
         tracing::info!(session_key = %skey, run_id = %run_id, "run started (attempt {attempt})");
 
+        let mut recent = None;
+        let messages: Vec<Arc<Value>> = messages.into_iter().map(Arc::new).collect();
         let outcome = match self.history(&session_id).await {
             Err(e) => Some(Err(TurnError::Store(e.to_string()))),
             Ok(history) => {
@@ -402,12 +485,14 @@ impl Sessions {
                     run_id: run_id.clone(),
                     model: model.clone(),
                     messages: history
-                        .into_iter()
+                        .iter()
+                        .flat_map(|r| r.messages.iter().cloned())
                         .chain(messages.iter().cloned())
                         .collect(),
                     params,
                     stream: true,
                 };
+                recent = history;
                 let agent = self.agent();
                 let this = self.clone();
                 let live2 = live.clone();
@@ -443,7 +528,13 @@ impl Sessions {
         let sid = session_id.clone();
         let reply = output.clone();
         let err = error.clone();
-        let rows: Vec<String> = messages.iter().map(Value::to_string).collect();
+        let mut rows: Vec<String> = messages.iter().map(|m| m.to_string()).collect();
+        let answer = output
+            .as_ref()
+            .map(|reply| Arc::new(json!({"role": "assistant", "content": reply})));
+        if let Some(a) = &answer {
+            rows.push(a.to_string());
+        }
         let committed = self
             .inner
             .store
@@ -451,14 +542,32 @@ impl Sessions {
                 let now = store::now_ms();
                 runs::finish(c, &id, status, reply.as_deref(), err.as_deref(), now)?;
                 runs::append_event(c, &id, &ev, now)?;
-                if let (Some(sid), Some(reply)) = (sid, reply) {
-                    let mut rows = rows;
-                    rows.push(json!({"role": "assistant", "content": reply}).to_string());
-                    store::sessions::append(c, &sid, &rows, Some(&id), now)?;
+                match (sid, reply) {
+                    (Some(sid), Some(_)) => {
+                        let first = store::sessions::append_at(c, &sid, &rows, Some(&id), now)?;
+                        Ok(Some((first, rows)))
+                    }
+                    _ => Ok(None),
                 }
-                Ok(())
             })
             .await;
+        let committed = match committed {
+            Ok(appended) => {
+                match (appended, &session_id, answer) {
+                    (Some((first, rows)), Some(sid), Some(answer)) => self.keep_history(
+                        sid,
+                        recent,
+                        first,
+                        messages.into_iter().chain([answer]),
+                        &rows,
+                    ),
+                    // Nothing was added to the session.
+                    _ => self.return_history(&session_id, recent),
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         live.finish();
         self.inner.runs.remove(&run_id);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
