@@ -2,10 +2,9 @@
 //! state folder, with versioned migrations applied at start.
 //!
 //! SQLite never runs on the async runtime. Writes go to one dedicated writer thread through
-//! a channel; it runs every job that queued up meanwhile in one transaction (group commit;
-//! with concurrent writers it waits briefly for more), each job in its own savepoint so
-//! that one failing job does not undo the others, and answers each caller only after the
-//! commit. Reads run on a small pool of read-only
+//! a channel; it runs every job that queued up meanwhile in one transaction (group commit),
+//! each job in its own savepoint so that one failing job does not undo the others, and
+//! answers each caller only after the commit. Reads run on a small pool of read-only
 //! connections inside `spawn_blocking` (WAL lets them run beside the writer).
 
 pub mod deliveries;
@@ -15,7 +14,7 @@ pub mod sessions;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -28,11 +27,6 @@ pub const DB_FILE: &str = "gateway.db";
 
 /// At most this many jobs share one commit.
 const MAX_BATCH: usize = 512;
-/// When writers are concurrent, how long a commit may wait for more jobs after its first,
-/// and the longest pause between two jobs it waits for. Small beside the fsync that every
-/// commit costs (2-3 ms on the virtual disks measured).
-const LINGER: Duration = Duration::from_micros(1500);
-const LINGER_GAP: Duration = Duration::from_micros(250);
 /// Read connections: async reads wait for one of these rather than open another (opening
 /// a connection costs more than most reads).
 const READERS: usize = 4;
@@ -339,45 +333,17 @@ fn create(path: &Path) -> Result<(), StoreError> {
 }
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
-    // Jobs in the previous commit: more than one means writers are concurrent.
-    let mut last = 0;
     while let Ok(first) = rx.recv() {
-        let opened = Instant::now();
-        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(t) => t,
-            Err(e) => {
-                // Nothing ran: dropping the job tells its caller the write failed.
-                tracing::error!("store: cannot begin a transaction: {e}");
-                drop(first);
-                continue;
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
             }
-        };
-        run_job(&tx, first, &mut done);
-        // Group commit. Jobs that queued meanwhile join at once. When writers are
-        // concurrent, the commit also waits for the ones about to come (each answered
-        // writer tends to send its next write soon): a commit costs an fsync whatever it
-        // holds, so a commit that holds them all serves more writes per second, and each
-        // waits less than it would for the next commit.
-        while done.len() < MAX_BATCH {
-            let job = match rx.try_recv() {
-                Ok(j) => j,
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) => {
-                    let left = LINGER.saturating_sub(opened.elapsed());
-                    if last <= 1 || left.is_zero() {
-                        break;
-                    }
-                    match rx.recv_timeout(left.min(LINGER_GAP)) {
-                        Ok(j) => j,
-                        Err(_) => break,
-                    }
-                }
-            };
-            run_job(&tx, job, &mut done);
         }
-        last = done.len();
-        let result = tx.commit();
+        let result = run_batch(&mut conn, &mut batch, &mut done);
         let msg = result.as_ref().err().map(ToString::to_string);
         if let Some(m) = &msg {
             tracing::error!("store: commit of {} writes failed: {m}", done.len());
@@ -391,33 +357,47 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// Runs one job in its own savepoint of the batch's transaction.
-fn run_job(tx: &rusqlite::Transaction<'_>, job: Job, done: &mut Vec<Completion>) {
-    // Cached statements: `Transaction::savepoint` would parse its SQL for every job.
-    match tx
-        .prepare_cached("SAVEPOINT job")
-        .and_then(|mut s| s.execute([]))
-    {
-        Ok(_) => {
-            let (ok, d) = job(tx);
-            let kept = if ok {
-                tx.prepare_cached("RELEASE job")
-                    .and_then(|mut s| s.execute([]))
-            } else {
-                tx.prepare_cached("ROLLBACK TO job")
-                    .and_then(|mut s| s.execute([]))
-                    .and_then(|_| tx.prepare_cached("RELEASE job")?.execute([]))
-            };
-            if let Err(e) = kept {
-                tracing::error!("store: savepoint failed: {e}");
-            }
-            done.push(d);
-        }
+fn run_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Job>,
+    done: &mut Vec<Completion>,
+) -> rusqlite::Result<()> {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(t) => t,
         Err(e) => {
-            tracing::error!("store: cannot open a savepoint: {e}");
-            drop(job);
+            // Nothing ran: dropping the jobs tells each awaiting caller its write failed.
+            batch.clear();
+            return Err(e);
+        }
+    };
+    for job in batch.drain(..) {
+        // Cached statements: `Transaction::savepoint` would parse its SQL for every job.
+        match tx
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut s| s.execute([]))
+        {
+            Ok(_) => {
+                let (ok, d) = job(&tx);
+                let kept = if ok {
+                    tx.prepare_cached("RELEASE job")
+                        .and_then(|mut s| s.execute([]))
+                } else {
+                    tx.prepare_cached("ROLLBACK TO job")
+                        .and_then(|mut s| s.execute([]))
+                        .and_then(|_| tx.prepare_cached("RELEASE job")?.execute([]))
+                };
+                if let Err(e) = kept {
+                    tracing::error!("store: savepoint failed: {e}");
+                }
+                done.push(d);
+            }
+            Err(e) => {
+                tracing::error!("store: cannot open a savepoint: {e}");
+                drop(job);
+            }
         }
     }
+    tx.commit()
 }
 
 /// Milliseconds since the Unix epoch, the timestamps in the database.
