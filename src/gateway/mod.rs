@@ -8,6 +8,7 @@
 
 pub mod agents;
 mod api;
+pub mod body;
 mod control;
 pub mod deliveries;
 mod error;

@@ -16,9 +16,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 
+use super::body::{BodyError, read_limited};
 use super::error::ApiError;
 use super::sessions::Sessions;
 use crate::config::{ApiConfig, Secret};
@@ -193,36 +193,25 @@ pub(super) async fn authenticate(State(s): State<Shared>, req: Request, next: Ne
 /// Reads the request body within the size limit (413) and the body timeout (408).
 async fn read_body(s: &ApiState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let (limit, timeout) = s.live(|l| (l.max_body, l.body_timeout));
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!("the request body is larger than {limit} bytes ([api] max_body)"),
-        )
-    };
-    if let Some(len) = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit
-    {
-        return Err(too_large());
-    }
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match tokio::time::timeout(timeout, limited.collect()).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            format!("the request body did not arrive within {timeout:?} ([api] body_timeout)"),
-        )),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            format!("cannot read the request body: {e}"),
-        )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
+    read_limited(headers, body, limit, timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("the request body is larger than {limit} bytes ([api] max_body)"),
+            ),
+            BodyError::Timeout => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!("the request body did not arrive within {timeout:?} ([api] body_timeout)"),
+            ),
+            BodyError::Unreadable(e) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("cannot read the request body: {e}"),
+            ),
+        })
 }
 
 /// Parses JSON into `T`; a wrong shape names the field (`messages[0].role`).

@@ -18,7 +18,6 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http::{HeaderMap, HeaderValue, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 
 use super::deliveries::{Acceptance, DeliveryLedger, NewDelivery, Target};
@@ -406,34 +405,24 @@ async fn read_body(
     limit: u64,
     timeout: Duration,
 ) -> Result<Bytes, (StatusCode, &'static str, String)> {
-    let too_large = || {
-        (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body is larger than {limit} bytes ([webhook] max_body)"),
-        )
-    };
-    if let Some(len) = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit
-    {
-        return Err(too_large());
-    }
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match tokio::time::timeout(timeout, limited.collect()).await {
-        Err(_) => Err((
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("the body did not arrive within {timeout:?}"),
-        )),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err((
-            StatusCode::BAD_REQUEST,
-            "unreadable_body",
-            format!("cannot read the body: {e}"),
-        )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
+    use crate::gateway::body::{BodyError, read_limited};
+    read_limited(headers, body, limit, timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is larger than {limit} bytes ([webhook] max_body)"),
+            ),
+            BodyError::Timeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the body did not arrive within {timeout:?}"),
+            ),
+            BodyError::Unreadable(e) => (
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                format!("cannot read the body: {e}"),
+            ),
+        })
 }
