@@ -7,9 +7,6 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,37 +17,8 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
 
-/// Starts the gateway with `listener` as socket-activated fd 3 named `api`, the way a
-/// service manager would (LISTEN_PID is the gateway's own pid: set by the shell it execs).
 fn launch(setup: &Setup, listener: &TcpListener, notify: &NotifySink) -> Gateway {
-    let fd = listener.as_raw_fd();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&setup.config)
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "api")
-        .env("NOTIFY_SOCKET", &notify.path)
-        .env("RUST_LOG", "info")
-        .env_remove("INVOCATION_ID");
-    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) are made.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                // Already fd 3: only clear close-on-exec.
-                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    spawn_command(cmd)
+    spawn_with_socket(setup, listener, "api", notify, "info")
 }
 
 fn events_of(addr: SocketAddr, id: &str) -> Vec<(String, Value)> {

@@ -11,9 +11,6 @@ mod webhooks_support;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,35 +33,8 @@ fn random() -> u64 {
         .finish()
 }
 
-/// Starts the gateway with `listener` as socket-activated fd 3 named `webhook`.
 fn launch(setup: &Setup, listener: &TcpListener, notify: &NotifySink) -> Gateway {
-    let fd = listener.as_raw_fd();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&setup.config)
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "webhook")
-        .env("NOTIFY_SOCKET", &notify.path)
-        .env("RUST_LOG", "warn")
-        .env_remove("INVOCATION_ID");
-    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) are made.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    spawn_command(cmd)
+    spawn_with_socket(setup, listener, "webhook", notify, "warn")
 }
 
 /// Sends `id` until some answer is 2xx (as a sender redelivers); returns that answer's

@@ -258,8 +258,8 @@ impl Response {
     }
 }
 
-/// Reads one response (Content-Length bodies only, which is all the gateway sends here).
-pub fn read_response(s: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
+/// The status line and headers of a response.
+fn read_head(s: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Vec<(String, String)>)> {
     let mut line = String::new();
     if s.read_line(&mut line)? == 0 {
         return Err(std::io::Error::new(
@@ -284,6 +284,12 @@ pub fn read_response(s: &mut BufReader<TcpStream>) -> std::io::Result<Response> 
             headers.push((k.trim().to_owned(), v.trim().to_owned()));
         }
     }
+    Ok((status, headers))
+}
+
+/// Reads one response (Content-Length bodies only, which is all the gateway sends here).
+pub fn read_response(s: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
+    let (status, headers) = read_head(s)?;
     let len: usize = headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
@@ -361,30 +367,7 @@ pub fn status_json(control: &Path) -> serde_json::Value {
 /// Reads one response whatever its framing: `Content-Length`, chunked (SSE streams), or
 /// until the connection closes.
 pub fn read_any_response(s: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
-    let mut line = String::new();
-    if s.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "closed before a response",
-        ));
-    }
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        s.read_line(&mut h)?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_owned(), v.trim().to_owned()));
-        }
-    }
+    let (status, headers) = read_head(s)?;
     let find = |name: &str| {
         headers
             .iter()
@@ -516,4 +499,46 @@ pub fn start_api(setup: &Setup) -> (Gateway, SocketAddr, NotifySink) {
 /// Starts `cmd` (stdin null, stdout null, stderr captured) as a [`Gateway`].
 pub fn spawn_command(cmd: Command) -> Gateway {
     Gateway::start(cmd)
+}
+
+/// Starts the gateway with `listener` as socket-activated fd 3 named `fdname`, the way a
+/// service manager would (LISTEN_PID is the gateway's own pid: set by the shell it execs).
+/// The caller keeps `listener`, so it can relaunch the gateway on the same socket.
+pub fn spawn_with_socket(
+    setup: &Setup,
+    listener: &TcpListener,
+    fdname: &str,
+    notify: &NotifySink,
+    rust_log: &str,
+) -> Gateway {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&setup.config)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", fdname)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("RUST_LOG", rust_log)
+        .env_remove("INVOCATION_ID");
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) are made.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                // Already fd 3: only clear close-on-exec.
+                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    spawn_command(cmd)
 }
