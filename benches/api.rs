@@ -99,6 +99,20 @@ struct Outcome {
     gw_cpu_us: f64,
     client_cpu_us: f64,
     others_pct: f64,
+    /// Bytes the gateway wrote (files and sockets) per request.
+    gw_write_bytes: f64,
+}
+
+/// Bytes a process passed to write(2) and its kin (`wchar` of /proc/PID/io).
+fn written(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("wchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -194,6 +208,7 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
     let addr = gw.addr;
     let gw_pid = gw.child.id().to_string();
     let (gw0, me0, m0) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
+    let w0 = written(&gw_pid);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -218,6 +233,7 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
     // The client runtime is dropped first, so its threads' time is counted.
     drop(rt);
     let (gw1, me1, m1) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
+    let w1 = written(&gw_pid);
     let n = all.len().max(1) as f64;
     let ours = (gw1 - gw0) + (me1 - me0);
     let others = (m1.0 - m0.0).saturating_sub(ours);
@@ -234,6 +250,7 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
         gw_cpu_us: (gw1 - gw0) as f64 * TICK_US / n,
         client_cpu_us: (me1 - me0) as f64 * TICK_US / n,
         others_pct: 100.0 * others as f64 / (m1.1 - m0.1).max(1) as f64,
+        gw_write_bytes: w1.saturating_sub(w0) as f64 / n,
     }
 }
 
@@ -290,6 +307,10 @@ fn main() {
             "         CPU per request: /health gateway {:.1} us + load generator {:.1} us | session turn gateway {:.1} us + load generator {:.1} us | other processes took {:.0}% / {:.0}% of the machine",
             h.gw_cpu_us, h.client_cpu_us, t.gw_cpu_us, t.client_cpu_us, h.others_pct, t.others_pct
         );
+        println!(
+            "         bytes written by the gateway per request (files and sockets): /health {:.0} | session turn {:.0}",
+            h.gw_write_bytes, t.gw_write_bytes
+        );
         health.push(h);
         turns.push(t);
     }
@@ -309,8 +330,12 @@ fn main() {
     let pid = gw.child.id();
     let stored = {
         let c = rusqlite::Connection::open(dir.path().join("state/gateway.db")).expect("open db");
-        c.query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
-            .unwrap_or(0)
+        c.query_row(
+            "SELECT count(*) FROM (SELECT id FROM sessions UNION SELECT session_id FROM turn_log)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap_or(0)
     };
     println!(
         "sessions stored by the rounds: {stored}; RSS after the load: {} KiB",
@@ -368,8 +393,12 @@ fn main() {
     let rss_after = rss_kib(gw.child.id());
     let total = {
         let c = rusqlite::Connection::open(dir.path().join("state/gateway.db")).expect("open db");
-        c.query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
-            .unwrap_or(0)
+        c.query_row(
+            "SELECT count(*) FROM (SELECT id FROM sessions UNION SELECT session_id FROM turn_log)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap_or(0)
     };
     println!(
         "resident memory: {:.1} MiB at start with {stored} sessions stored; {:.1} MiB after 10,000 more session turns ({total} sessions stored, {errors} errors) (target <= 40 MiB)",

@@ -75,6 +75,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX deliveries_source ON deliveries (route, source_id, received_at);
     CREATE INDEX deliveries_open ON deliveries (state) WHERE state NOT IN ('delivered', 'failed');
     "#,
+    // 3: the turn log. A turn's messages are appended here (the tail of one small table,
+    // a page shared by every turn of a commit) and folded into `messages` and `sessions`
+    // in batches, instead of each turn rewriting its session's pages in every commit.
+    r#"
+    CREATE TABLE turn_log (
+        id          INTEGER PRIMARY KEY,
+        session_id  TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        message     TEXT NOT NULL,
+        run_id      TEXT,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE INDEX turn_log_session ON turn_log (session_id, seq);
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -14,7 +14,7 @@ pub mod sessions;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -24,6 +24,12 @@ pub use migrations::SCHEMA_VERSION;
 
 /// The database file inside the state folder.
 pub const DB_FILE: &str = "gateway.db";
+
+/// The turn log (see [`sessions`]) is folded into the sessions' tables with the first commit
+/// after this much time, or after [`FOLD_AFTER_JOBS`] jobs, whichever comes first; and
+/// when the writer goes idle or stops.
+pub const FOLD_EVERY: Duration = Duration::from_millis(50);
+const FOLD_AFTER_JOBS: usize = 1024;
 
 /// At most this many jobs share one commit.
 const MAX_BATCH: usize = 512;
@@ -95,6 +101,9 @@ impl std::fmt::Debug for Store {
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // Savepoint and statement journals, sorters: in memory. On disk, folding the turn log
+    // (a savepoint holding a few hundred pages) cost as many writes to a temporary file.
+    conn.pragma_update(None, "temp_store", "memory")?;
     // Without the query planner stability guarantee, a statement with a bound `LIMIT ?`
     // is compiled again at each new binding (SQLite 3.5x with STAT4): a cached statement
     // would be parsed and planned anew on every call.
@@ -106,6 +115,12 @@ impl Store {
     /// Opens (creating if needed) the database in `state_dir` and applies migrations.
     /// Blocking: call before the runtime serves, or from `spawn_blocking`.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_folding(state_dir, Some(FOLD_EVERY))
+    }
+
+    /// [`Store::open`]; `fold_every: None` folds the turn log only at open, at close and
+    /// when a job asks (tests that look at the log).
+    fn open_folding(state_dir: &Path, fold_every: Option<Duration>) -> Result<Store, StoreError> {
         let path = state_dir.join(DB_FILE);
         let open_err = |source| StoreError::Open {
             path: path.clone(),
@@ -122,11 +137,13 @@ impl Store {
         conn.pragma_update(None, "synchronous", "full")
             .map_err(open_err)?;
         migrations::apply(&mut conn, &path)?;
+        // What the last run logged and did not fold (it was killed, say).
+        fold_now(&mut conn).map_err(open_err)?;
 
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, fold_every))
             .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -332,21 +349,47 @@ fn create(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, fold_every: Option<Duration>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
+    let mut last_fold = Instant::now();
+    let mut since_fold = 0usize;
+    loop {
+        let next = match fold_every {
+            Some(every) => rx.recv_timeout(every),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        match next {
+            Ok(first) => batch.push(first),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: fold what the last jobs logged.
+                if since_fold > 0 {
+                    if let Err(e) = fold_now(&mut conn) {
+                        tracing::error!("store: folding the turn log failed: {e}");
+                    }
+                    since_fold = 0;
+                    last_fold = Instant::now();
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => batch.push(j),
                 Err(_) => break,
             }
         }
-        let result = run_batch(&mut conn, &mut batch, &mut done);
+        since_fold += batch.len();
+        let fold = fold_every
+            .is_some_and(|every| since_fold >= FOLD_AFTER_JOBS || last_fold.elapsed() >= every);
+        let result = run_batch(&mut conn, &mut batch, &mut done, fold);
         let msg = result.as_ref().err().map(ToString::to_string);
         if let Some(m) = &msg {
             tracing::error!("store: commit of {} writes failed: {m}", done.len());
+        } else if fold {
+            since_fold = 0;
+            last_fold = Instant::now();
         }
         for d in done.drain(..) {
             d(match &msg {
@@ -355,12 +398,23 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
             });
         }
     }
+    if let Err(e) = fold_now(&mut conn) {
+        tracing::error!("store: folding the turn log at close failed: {e}");
+    }
+}
+
+/// Folds the turn log in a transaction of its own.
+fn fold_now(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    sessions::fold(&tx)?;
+    tx.commit()
 }
 
 fn run_batch(
     conn: &mut Connection,
     batch: &mut Vec<Job>,
     done: &mut Vec<Completion>,
+    fold: bool,
 ) -> rusqlite::Result<()> {
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(t) => t,
@@ -372,21 +426,10 @@ fn run_batch(
     };
     for job in batch.drain(..) {
         // Cached statements: `Transaction::savepoint` would parse its SQL for every job.
-        match tx
-            .prepare_cached("SAVEPOINT job")
-            .and_then(|mut s| s.execute([]))
-        {
-            Ok(_) => {
+        match savepoint(&tx) {
+            Ok(()) => {
                 let (ok, d) = job(&tx);
-                let kept = if ok {
-                    tx.prepare_cached("RELEASE job")
-                        .and_then(|mut s| s.execute([]))
-                } else {
-                    tx.prepare_cached("ROLLBACK TO job")
-                        .and_then(|mut s| s.execute([]))
-                        .and_then(|_| tx.prepare_cached("RELEASE job")?.execute([]))
-                };
-                if let Err(e) = kept {
+                if let Err(e) = end_savepoint(&tx, ok) {
                     tracing::error!("store: savepoint failed: {e}");
                 }
                 done.push(d);
@@ -397,7 +440,32 @@ fn run_batch(
             }
         }
     }
+    if fold {
+        // In the batch's commit; a failure leaves the log as it was, for the next fold.
+        let folded = savepoint(&tx).and_then(|()| {
+            let r = sessions::fold(&tx);
+            end_savepoint(&tx, r.is_ok())?;
+            r
+        });
+        if let Err(e) = folded {
+            tracing::error!("store: folding the turn log failed: {e}");
+        }
+    }
     tx.commit()
+}
+
+fn savepoint(tx: &Connection) -> rusqlite::Result<()> {
+    tx.prepare_cached("SAVEPOINT job")?.execute([])?;
+    Ok(())
+}
+
+/// Releases the savepoint, after rolling back to it unless `keep`.
+fn end_savepoint(tx: &Connection, keep: bool) -> rusqlite::Result<()> {
+    if !keep {
+        tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
+    }
+    tx.prepare_cached("RELEASE job")?.execute([])?;
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, the timestamps in the database.

@@ -1,4 +1,12 @@
 //! Sessions and their message history.
+//!
+//! A turn's messages are appended to `turn_log`, a small table whose rows sit at its tail:
+//! every turn of a group commit shares the same few pages, so a commit writes a handful of
+//! pages whatever the number of sessions in it. [`fold`] moves the log into `messages`
+//! and `sessions` in one statement each; the writer runs it every [`super::FOLD_EVERY`]
+//! (and at open and close), so that each session's pages are written once per fold rather
+//! than once per turn. Every read here sees the log and the folded tables together, so a
+//! fold changes nothing a reader can observe.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -22,7 +30,31 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
     })
 }
 
-/// Sessions, most recently updated first.
+/// Moves every logged message into `messages`, and the sessions' counts and times into
+/// `sessions`. Runs inside the caller's transaction. Returns the messages moved.
+pub fn fold(conn: &Connection) -> rusqlite::Result<usize> {
+    // `WHERE true`: an upsert after a SELECT needs a WHERE for the parser.
+    conn.prepare_cached(
+        "INSERT INTO sessions (id, created_at, updated_at, messages)
+         SELECT session_id, min(created_at), max(created_at), max(seq) + 1 FROM turn_log
+         WHERE true GROUP BY session_id
+         ON CONFLICT (id) DO UPDATE SET
+             updated_at = max(updated_at, excluded.updated_at),
+             messages = max(messages, excluded.messages)",
+    )?
+    .execute([])?;
+    let moved = conn
+        .prepare_cached(
+            "INSERT INTO messages (session_id, seq, message, run_id, created_at)
+             SELECT session_id, seq, message, run_id, created_at FROM turn_log ORDER BY id",
+        )?
+        .execute([])?;
+    conn.prepare_cached("DELETE FROM turn_log")?.execute([])?;
+    Ok(moved)
+}
+
+/// Sessions, most recently updated first. Call after a [`fold`] (the API's list does):
+/// sessions whose first turn is still in the log are not listed.
 pub fn list(conn: &Connection, limit: u32, offset: u32) -> rusqlite::Result<Vec<SessionRow>> {
     let mut st = conn.prepare_cached(
         "SELECT id, created_at, updated_at, messages FROM sessions
@@ -31,23 +63,68 @@ pub fn list(conn: &Connection, limit: u32, offset: u32) -> rusqlite::Result<Vec<
     st.query_map(params![limit, offset], row)?.collect()
 }
 
+/// Sessions stored, logged ones included.
 pub fn count(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+    conn.query_row(
+        "SELECT count(*) FROM (SELECT id FROM sessions UNION SELECT session_id FROM turn_log)",
+        [],
+        |r| r.get(0),
+    )
 }
 
 pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> {
-    conn.prepare_cached("SELECT id, created_at, updated_at, messages FROM sessions WHERE id = ?1")?
+    let folded = conn
+        .prepare_cached("SELECT id, created_at, updated_at, messages FROM sessions WHERE id = ?1")?
         .query_row([id], row)
-        .optional()
+        .optional()?;
+    let logged: Option<(i64, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT min(created_at), max(created_at), max(seq) + 1 FROM turn_log
+             WHERE session_id = ?1",
+        )?
+        .query_row([id], |r| {
+            Ok(match (r.get(0)?, r.get(1)?, r.get(2)?) {
+                (Some(c), Some(u), Some(n)) => Some((c, u, n)),
+                _ => None,
+            })
+        })?;
+    Ok(match (folded, logged) {
+        (None, None) => None,
+        (Some(s), None) => Some(s),
+        (None, Some((created_at, updated_at, messages))) => Some(SessionRow {
+            id: id.to_owned(),
+            created_at,
+            updated_at,
+            messages,
+        }),
+        (Some(s), Some((_, updated_at, messages))) => Some(SessionRow {
+            updated_at: s.updated_at.max(updated_at),
+            messages: s.messages.max(messages),
+            ..s
+        }),
+    })
 }
 
 /// The last `limit` messages of a session, oldest first, as stored JSON objects.
 pub fn history(conn: &Connection, id: &str, limit: u32) -> rusqlite::Result<Vec<String>> {
-    let mut st = conn.prepare_cached(
-        "SELECT message FROM (SELECT seq, message FROM messages WHERE session_id = ?1
-         ORDER BY seq DESC LIMIT ?2) ORDER BY seq",
-    )?;
-    st.query_map(params![id, limit], |r| r.get(0))?.collect()
+    // The logged messages are the newest: take from the log first, then from the folded.
+    let mut newest_first: Vec<String> = conn
+        .prepare_cached(
+            "SELECT message FROM turn_log WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?
+        .query_map(params![id, limit], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let rest = limit.saturating_sub(newest_first.len() as u32);
+    if rest > 0 {
+        let mut st = conn.prepare_cached(
+            "SELECT message FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        for m in st.query_map(params![id, rest], |r| r.get(0))? {
+            newest_first.push(m?);
+        }
+    }
+    newest_first.reverse();
+    Ok(newest_first)
 }
 
 /// Appends messages (JSON objects) to a session, creating it if needed.
@@ -70,18 +147,16 @@ pub fn append_at(
     run_id: Option<&str>,
     now: i64,
 ) -> rusqlite::Result<i64> {
-    let n = messages.len() as i64;
-    let total: i64 = conn
+    let first: i64 = conn
         .prepare_cached(
-            "INSERT INTO sessions (id, created_at, updated_at, messages) VALUES (?1, ?2, ?2, ?3)
-             ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at,
-                 messages = messages + excluded.messages
-             RETURNING messages",
+            "SELECT coalesce(
+                 (SELECT max(seq) + 1 FROM turn_log WHERE session_id = ?1),
+                 (SELECT messages FROM sessions WHERE id = ?1),
+                 0)",
         )?
-        .query_row(params![id, now, n], |r| r.get(0))?;
-    let first = total - n;
+        .query_row([id], |r| r.get(0))?;
     let mut ins = conn.prepare_cached(
-        "INSERT INTO messages (session_id, seq, message, run_id, created_at)
+        "INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for (i, m) in messages.iter().enumerate() {
@@ -92,5 +167,9 @@ pub fn append_at(
 
 /// Deletes a session and its messages; whether it existed.
 pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
-    Ok(conn.execute("DELETE FROM sessions WHERE id = ?1", [id])? > 0)
+    let logged = conn
+        .prepare_cached("DELETE FROM turn_log WHERE session_id = ?1")?
+        .execute([id])?;
+    let folded = conn.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+    Ok(logged + folded > 0)
 }

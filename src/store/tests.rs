@@ -150,3 +150,106 @@ async fn a_new_database_is_built_aside_and_renamed_into_place() {
         "kept across a reopen"
     );
 }
+
+fn logged(c: &Connection) -> rusqlite::Result<i64> {
+    c.query_row("SELECT count(*) FROM turn_log", [], |r| r.get(0))
+}
+
+#[tokio::test]
+async fn reads_see_the_same_session_before_and_after_the_log_is_folded() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    // Two turns of a session folded, then two more still in the log.
+    for (i, now) in [(0, 10), (1, 20)] {
+        let m = vec![format!("{{\"n\":{i}}}")];
+        s.write(move |c| sessions::append(c, "s", &m, None, now))
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.write(sessions::fold).await.unwrap(), 2);
+    let m: Vec<String> = (2..4).map(|i| format!("{{\"n\":{i}}}")).collect();
+    let first = s
+        .write(move |c| sessions::append_at(c, "s", &m, Some("run"), 30))
+        .await
+        .unwrap();
+    assert_eq!(first, 2, "numbering goes on from the folded messages");
+    let read = |s: Store| async move {
+        s.read(|c| {
+            Ok((
+                sessions::get(c, "s")?.map(|r| (r.created_at, r.updated_at, r.messages)),
+                sessions::history(c, "s", 3)?,
+                sessions::count(c)?,
+                logged(c)?,
+            ))
+        })
+        .await
+        .unwrap()
+    };
+    let (row, history, count, in_log) = read(s.clone()).await;
+    assert_eq!(in_log, 2, "the last turn is still in the log");
+    assert_eq!(row, Some((10, 30, 4)));
+    assert_eq!(history, ["{\"n\":1}", "{\"n\":2}", "{\"n\":3}"]);
+    assert_eq!(count, 1);
+    assert_eq!(s.write(sessions::fold).await.unwrap(), 2);
+    let after = read(s.clone()).await;
+    assert_eq!(
+        after,
+        (row, history, count, 0),
+        "a fold changes nothing a reader sees"
+    );
+    let listed = s.read(|c| sessions::list(c, 10, 0)).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].messages, listed[0].updated_at), (4, 30));
+}
+
+#[tokio::test]
+async fn a_session_only_in_the_log_is_found_and_deleted() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    s.write(|c| sessions::append(c, "new", &["{}".into(), "{}".into()], None, 5))
+        .await
+        .unwrap();
+    let row = s.read(|c| sessions::get(c, "new")).await.unwrap().unwrap();
+    assert_eq!((row.created_at, row.updated_at, row.messages), (5, 5, 2));
+    assert!(s.write(|c| sessions::delete(c, "new")).await.unwrap());
+    assert!(s.read(|c| sessions::get(c, "new")).await.unwrap().is_none());
+    assert_eq!(
+        s.write(sessions::fold).await.unwrap(),
+        0,
+        "nothing left to fold"
+    );
+    assert_eq!(s.read(sessions::count).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn the_writer_folds_the_log_by_itself_and_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.write(|c| sessions::append(c, "a", &["{}".into()], None, 1))
+        .await
+        .unwrap();
+    // Idle, the writer folds within FOLD_EVERY.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while s.read(logged).await.unwrap() > 0 {
+        assert!(std::time::Instant::now() < end, "the log was not folded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.close();
+    // A turn logged by a gateway that was killed before folding it.
+    {
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.execute(
+            "INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
+             VALUES ('a', 1, '{\"late\":1}', NULL, 2)",
+            [],
+        )
+        .unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    let (in_log, history) = s
+        .read(|c| Ok((logged(c)?, sessions::history(c, "a", 10)?)))
+        .await
+        .unwrap();
+    assert_eq!(in_log, 0, "folded at open");
+    assert_eq!(history, ["{}", "{\"late\":1}"]);
+}

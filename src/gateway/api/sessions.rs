@@ -39,12 +39,18 @@ pub async fn list(State(s): State<Shared>, q: Result<Query<Page>, QueryRejection
         Err(e) => return e.into_response(),
     };
     let (limit, offset) = (p.limit.unwrap_or(100).clamp(1, 1000), p.offset.unwrap_or(0));
-    match s
-        .sessions
-        .store()
-        .read(move |c| store::sessions::list(c, limit, offset))
-        .await
-    {
+    let store = s.sessions.store();
+    // Sessions are listed from their folded rows, in updated order: fold the turn log first,
+    // so that every turn answered before this request is counted.
+    let listed = match store.write(store::sessions::fold).await {
+        Ok(_) => {
+            store
+                .read(move |c| store::sessions::list(c, limit, offset))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match listed {
         Err(e) => store_error(e),
         Ok(rows) => Json(json!({
             "object": "list",
