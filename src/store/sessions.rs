@@ -33,6 +33,14 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
 /// Moves every logged message into `messages`, and the sessions' counts and times into
 /// `sessions`. Runs inside the caller's transaction. Returns the messages moved.
 pub fn fold(conn: &Connection) -> rusqlite::Result<usize> {
+    // An empty log changes nothing: no page is touched, and a commit has nothing to sync
+    // (clearing the empty table would still dirty its root page).
+    let empty: bool = conn
+        .prepare_cached("SELECT NOT EXISTS (SELECT 1 FROM turn_log)")?
+        .query_row([], |r| r.get(0))?;
+    if empty {
+        return Ok(0);
+    }
     // `WHERE true`: an upsert after a SELECT needs a WHERE for the parser.
     conn.prepare_cached(
         "INSERT INTO sessions (id, created_at, updated_at, messages)
