@@ -26,6 +26,8 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use hermes_gateway::store::{DB_FILE, sessions};
+
 const BIN: &str = env!("CARGO_BIN_EXE_hermes-gateway");
 const TURNS_PER_SESSION: u64 = 20;
 
@@ -259,6 +261,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Sessions in the gateway's database, counted as the store counts them (its turn log
+/// included).
+fn stored_sessions(dir: &Path) -> i64 {
+    rusqlite::Connection::open(dir.join("state").join(DB_FILE))
+        .and_then(|c| sessions::count(&c))
+        .unwrap_or(0)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -328,15 +338,7 @@ fn main() {
     // Resident memory with 10,000 stored sessions: the rounds above stored some already;
     // a restart on the same state folder measures a gateway that holds them on disk only.
     let pid = gw.child.id();
-    let stored = {
-        let c = rusqlite::Connection::open(dir.path().join("state/gateway.db")).expect("open db");
-        c.query_row(
-            "SELECT count(*) FROM (SELECT id FROM sessions UNION SELECT session_id FROM turn_log)",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .unwrap_or(0)
-    };
+    let stored = stored_sessions(dir.path());
     println!(
         "sessions stored by the rounds: {stored}; RSS after the load: {} KiB",
         rss_kib(pid)
@@ -391,15 +393,7 @@ fn main() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = rss_kib(gw.child.id());
-    let total = {
-        let c = rusqlite::Connection::open(dir.path().join("state/gateway.db")).expect("open db");
-        c.query_row(
-            "SELECT count(*) FROM (SELECT id FROM sessions UNION SELECT session_id FROM turn_log)",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .unwrap_or(0)
-    };
+    let total = stored_sessions(dir.path());
     println!(
         "resident memory: {:.1} MiB at start with {stored} sessions stored; {:.1} MiB after 10,000 more session turns ({total} sessions stored, {errors} errors) (target <= 40 MiB)",
         rss_idle as f64 / 1024.0,
