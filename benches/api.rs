@@ -99,6 +99,12 @@ struct Outcome {
     /// CPU time (user + system) per request of the gateway and of this load generator, in
     /// microseconds, and the share of the machine's CPU that other processes took.
     gw_cpu_us: f64,
+    /// Of `gw_cpu_us`, the store's writer thread.
+    writer_cpu_us: f64,
+    /// The gateway's threads' context switches per request.
+    switches: f64,
+    /// The share of the machine's CPU left idle.
+    idle_pct: f64,
     client_cpu_us: f64,
     others_pct: f64,
     /// Bytes the gateway wrote (files and sockets) per request.
@@ -143,6 +149,40 @@ fn machine_ticks() -> (u64, u64) {
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (total - idle, total)
+}
+
+/// utime + stime of the gateway's store writer thread, in clock ticks.
+fn writer_ticks(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "store-writer")
+        })
+        .map(|t| {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            cpu_ticks(&format!("{pid}/task/{tid}"))
+        })
+        .sum()
+}
+
+/// Context switches (voluntary and not) of all the gateway's threads.
+fn switches(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`): 100 on Linux.
@@ -210,6 +250,8 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
     let addr = gw.addr;
     let gw_pid = gw.child.id().to_string();
     let (gw0, me0, m0) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
+    let wr0 = writer_ticks(&gw_pid);
+    let cs0 = switches(&gw_pid);
     let w0 = written(&gw_pid);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -235,6 +277,8 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
     // The client runtime is dropped first, so its threads' time is counted.
     drop(rt);
     let (gw1, me1, m1) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
+    let wr1 = writer_ticks(&gw_pid);
+    let cs1 = switches(&gw_pid);
     let w1 = written(&gw_pid);
     let n = all.len().max(1) as f64;
     let ours = (gw1 - gw0) + (me1 - me0);
@@ -250,6 +294,9 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
         p99_ms: pct(0.99),
         errors: errors.load(Ordering::Relaxed),
         gw_cpu_us: (gw1 - gw0) as f64 * TICK_US / n,
+        switches: cs1.saturating_sub(cs0) as f64 / n,
+        writer_cpu_us: wr1.saturating_sub(wr0) as f64 * TICK_US / n,
+        idle_pct: 100.0 - 100.0 * (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64,
         client_cpu_us: (me1 - me0) as f64 * TICK_US / n,
         others_pct: 100.0 * others as f64 / (m1.1 - m0.1).max(1) as f64,
         gw_write_bytes: w1.saturating_sub(w0) as f64 / n,
@@ -316,6 +363,10 @@ fn main() {
         println!(
             "         CPU per request: /health gateway {:.1} us + load generator {:.1} us | session turn gateway {:.1} us + load generator {:.1} us | other processes took {:.0}% / {:.0}% of the machine",
             h.gw_cpu_us, h.client_cpu_us, t.gw_cpu_us, t.client_cpu_us, h.others_pct, t.others_pct
+        );
+        println!(
+            "         session turn: of the gateway's CPU, {:.1} us in the store writer thread; machine idle {:.0}% (/health {:.0}%); gateway context switches per request {:.2} (/health {:.2})",
+            t.writer_cpu_us, t.idle_pct, h.idle_pct, t.switches, h.switches
         );
         println!(
             "         bytes written by the gateway per request (files and sockets): /health {:.0} | session turn {:.0}",
