@@ -89,6 +89,20 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX turn_log_session ON turn_log (session_id, seq);
     "#,
+    // 4: the turn log without its index. Turns of one commit belong to many sessions, so
+    // the index had them touch as many of its pages, each written whole to the WAL: most
+    // of a commit's pages. `turn_log_next` holds one row per session in the log (a few
+    // hundred at most, two or three pages): the next `seq` to append, and where a reader
+    // learns whether the log holds anything of a session before scanning it.
+    r#"
+    DROP INDEX turn_log_session;
+    CREATE TABLE turn_log_next (
+        session_id  TEXT PRIMARY KEY,
+        next        INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO turn_log_next (session_id, next)
+        SELECT session_id, max(seq) + 1 FROM turn_log GROUP BY session_id;
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -1,12 +1,17 @@
 //! Sessions and their message history.
 //!
-//! A turn's messages are appended to `turn_log`, a small table whose rows sit at its tail:
-//! every turn of a group commit shares the same few pages, so a commit writes a handful of
-//! pages whatever the number of sessions in it. [`fold`] moves the log into `messages`
-//! and `sessions` in one statement each; the writer runs it every [`super::FOLD_EVERY`]
-//! (and at open and close), so that each session's pages are written once per fold rather
-//! than once per turn. Every read here sees the log and the folded tables together, so a
-//! fold changes nothing a reader can observe.
+//! A turn's messages are appended to `turn_log`, a table without a secondary index: every
+//! turn of a group commit writes to the same few pages at its tail, so a commit writes a
+//! handful of pages whatever the number of sessions in it. `turn_log_next` holds, for each
+//! session in the log, the next `seq` (one row per session: a few pages). [`fold`] moves
+//! the log into `messages` and `sessions` in one statement each; the writer runs it every
+//! [`super::FOLD_EVERY`] (and at open and close), so that each session's pages are
+//! written once per fold rather than once per turn.
+//!
+//! Every read here sees the log and the folded tables together, so a fold changes nothing
+//! a reader can observe. A read of a session that `turn_log_next` does not list touches
+//! the folded tables only; one that it lists scans the log, which folds keep to at most a
+//! few thousand rows.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -58,6 +63,8 @@ pub fn fold(conn: &Connection) -> rusqlite::Result<usize> {
         )?
         .execute([])?;
     conn.prepare_cached("DELETE FROM turn_log")?.execute([])?;
+    conn.prepare_cached("DELETE FROM turn_log_next")?
+        .execute([])?;
     Ok(moved)
 }
 
@@ -74,10 +81,18 @@ pub fn list(conn: &Connection, limit: u32, offset: u32) -> rusqlite::Result<Vec<
 /// Sessions stored, logged ones included.
 pub fn count(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row(
-        "SELECT count(*) FROM (SELECT id FROM sessions UNION SELECT session_id FROM turn_log)",
+        "SELECT count(*) FROM (SELECT id FROM sessions UNION SELECT session_id FROM turn_log_next)",
         [],
         |r| r.get(0),
     )
+}
+
+/// The number of messages of a session that has some in the log (`None`: it has none
+/// there). A primary-key lookup: readers ask this before they scan the log.
+fn logged(conn: &Connection, id: &str) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached("SELECT next FROM turn_log_next WHERE session_id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()
 }
 
 pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> {
@@ -85,43 +100,69 @@ pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> 
         .prepare_cached("SELECT id, created_at, updated_at, messages FROM sessions WHERE id = ?1")?
         .query_row([id], row)
         .optional()?;
-    let logged: Option<(i64, i64, i64)> = conn
+    let Some(messages) = logged(conn, id)? else {
+        return Ok(folded);
+    };
+    let (created_at, updated_at): (Option<i64>, Option<i64>) = conn
         .prepare_cached(
-            "SELECT min(created_at), max(created_at), max(seq) + 1 FROM turn_log
-             WHERE session_id = ?1",
+            "SELECT min(created_at), max(created_at) FROM turn_log WHERE session_id = ?1",
         )?
-        .query_row([id], |r| {
-            Ok(match (r.get(0)?, r.get(1)?, r.get(2)?) {
-                (Some(c), Some(u), Some(n)) => Some((c, u, n)),
-                _ => None,
-            })
-        })?;
-    Ok(match (folded, logged) {
-        (None, None) => None,
-        (Some(s), None) => Some(s),
-        (None, Some((created_at, updated_at, messages))) => Some(SessionRow {
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (Some(created_at), Some(updated_at)) = (created_at, updated_at) else {
+        return Ok(folded);
+    };
+    Ok(Some(match folded {
+        None => SessionRow {
             id: id.to_owned(),
             created_at,
             updated_at,
             messages,
-        }),
-        (Some(s), Some((_, updated_at, messages))) => Some(SessionRow {
+        },
+        Some(s) => SessionRow {
             updated_at: s.updated_at.max(updated_at),
             messages: s.messages.max(messages),
             ..s
-        }),
-    })
+        },
+    }))
 }
 
 /// The last `limit` messages of a session, oldest first, as stored JSON objects.
 pub fn history(conn: &Connection, id: &str, limit: u32) -> rusqlite::Result<Vec<String>> {
+    let logged = logged(conn, id)?.is_some();
+    history_of(conn, id, limit, logged)
+}
+
+/// The number of messages a session holds (0 when it does not exist) and its last
+/// `limit` messages, oldest first: what a turn needs, in as few lookups as it takes.
+pub fn recent(conn: &Connection, id: &str, limit: u32) -> rusqlite::Result<(i64, Vec<String>)> {
+    let folded: Option<i64> = conn
+        .prepare_cached("SELECT messages FROM sessions WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    let logged = logged(conn, id)?;
+    let stored = match (folded, logged) {
+        (None, None) => return Ok((0, Vec::new())),
+        (f, l) => f.unwrap_or(0).max(l.unwrap_or(0)),
+    };
+    Ok((stored, history_of(conn, id, limit, logged.is_some())?))
+}
+
+fn history_of(
+    conn: &Connection,
+    id: &str,
+    limit: u32,
+    logged: bool,
+) -> rusqlite::Result<Vec<String>> {
     // The logged messages are the newest: take from the log first, then from the folded.
-    let mut newest_first: Vec<String> = conn
-        .prepare_cached(
+    let mut newest_first: Vec<String> = Vec::new();
+    if logged {
+        let mut st = conn.prepare_cached(
             "SELECT message FROM turn_log WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2",
-        )?
-        .query_map(params![id, limit], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+        )?;
+        for m in st.query_map(params![id, limit], |r| r.get(0))? {
+            newest_first.push(m?);
+        }
+    }
     let rest = limit.saturating_sub(newest_first.len() as u32);
     if rest > 0 {
         let mut st = conn.prepare_cached(
@@ -158,7 +199,7 @@ pub fn append_at(
     let first: i64 = conn
         .prepare_cached(
             "SELECT coalesce(
-                 (SELECT max(seq) + 1 FROM turn_log WHERE session_id = ?1),
+                 (SELECT next FROM turn_log_next WHERE session_id = ?1),
                  (SELECT messages FROM sessions WHERE id = ?1),
                  0)",
         )?
@@ -170,6 +211,11 @@ pub fn append_at(
     for (i, m) in messages.iter().enumerate() {
         ins.execute(params![id, first + i as i64, m, run_id, now])?;
     }
+    conn.prepare_cached(
+        "INSERT INTO turn_log_next (session_id, next) VALUES (?1, ?2)
+         ON CONFLICT (session_id) DO UPDATE SET next = excluded.next",
+    )?
+    .execute(params![id, first + messages.len() as i64])?;
     Ok(first)
 }
 
@@ -177,6 +223,8 @@ pub fn append_at(
 pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
     let logged = conn
         .prepare_cached("DELETE FROM turn_log WHERE session_id = ?1")?
+        .execute([id])?;
+    conn.prepare_cached("DELETE FROM turn_log_next WHERE session_id = ?1")?
         .execute([id])?;
     let folded = conn.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
     Ok(logged + folded > 0)

@@ -253,3 +253,181 @@ async fn the_writer_folds_the_log_by_itself_and_at_open() {
     assert_eq!(in_log, 0, "folded at open");
     assert_eq!(history, ["{}", "{\"late\":1}"]);
 }
+
+#[tokio::test]
+async fn numbering_goes_on_across_folds_and_starts_over_after_a_delete() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    let append = |s: &Store, n: usize| {
+        let s = s.clone();
+        async move {
+            let m: Vec<String> = (0..n).map(|i| format!("{{\"i\":{i}}}")).collect();
+            s.write_unguarded(move |c| sessions::append_at(c, "s", &m, None, 1))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(append(&s, 2).await, 0);
+    assert_eq!(append(&s, 2).await, 2, "numbering goes on within the log");
+    let (stored, history) = s.read(|c| sessions::recent(c, "s", 3)).await.unwrap();
+    assert_eq!((stored, history.len()), (4, 3), "read from the log");
+    assert_eq!(s.write(sessions::fold).await.unwrap(), 4);
+    assert_eq!(append(&s, 1).await, 4, "and on from the folded messages");
+    let (stored, history) = s.read(|c| sessions::recent(c, "s", 10)).await.unwrap();
+    assert_eq!(stored, 5);
+    assert_eq!(history.len(), 5, "log and folded messages together");
+    assert!(s.write(|c| sessions::delete(c, "s")).await.unwrap());
+    assert_eq!(
+        s.read(|c| sessions::recent(c, "s", 10)).await.unwrap(),
+        (0, Vec::new())
+    );
+    assert_eq!(append(&s, 1).await, 0, "a deleted session starts over");
+    let next: Vec<(String, i64)> = s
+        .read(|c| {
+            c.prepare("SELECT session_id, next FROM turn_log_next")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next, [("s".to_string(), 1)]);
+    assert_eq!(s.write(sessions::fold).await.unwrap(), 1);
+    let left: i64 = s
+        .read(|c| c.query_row("SELECT count(*) FROM turn_log_next", [], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "a fold empties the log's index of sessions too");
+}
+
+#[tokio::test]
+async fn an_unguarded_failure_rolls_back_its_commit_and_the_jobs_behind_it_run_next() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    // Keeps the writer busy while the three jobs below queue up: they share one batch.
+    let busy = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.write(|_| {
+                std::thread::sleep(Duration::from_millis(200));
+                Ok(())
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.write(|c| sessions::append(c, "before", &["{}".into()], None, 1))
+                .await
+        }
+    });
+    let failing = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.write_unguarded(|c| {
+                sessions::append(c, "failing", &["{}".into()], None, 1)?;
+                c.execute("INSERT INTO nowhere VALUES (1)", [])?;
+                Ok(())
+            })
+            .await
+        }
+    });
+    let behind = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.write(|c| sessions::append(c, "behind", &["{}".into()], None, 1))
+                .await
+        }
+    });
+    busy.await.unwrap().unwrap();
+    let before = before.await.unwrap();
+    assert!(
+        matches!(&before, Err(StoreError::Commit(m)) if m.contains("rolled back")),
+        "a job of the rolled-back commit is told so: {before:?}"
+    );
+    assert!(matches!(failing.await.unwrap(), Err(StoreError::Sqlite(_))));
+    behind
+        .await
+        .unwrap()
+        .expect("a job queued behind the failure runs in the next commit");
+    let found = s
+        .read(|c| {
+            Ok((
+                sessions::get(c, "before")?.is_some(),
+                sessions::get(c, "failing")?.is_some(),
+                sessions::get(c, "behind")?.is_some(),
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(found, (false, false, true));
+}
+
+#[tokio::test]
+async fn a_fold_without_foreign_key_checks_leaves_them_on_and_deletes_still_cascade() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    s.write(|c| sessions::append(c, "s", &["{}".into(), "{}".into()], None, 1))
+        .await
+        .unwrap();
+    s.close();
+    // Reopening folds with `fold_now`, the writer's own fold.
+    let s = Store::open_folding(d.path(), None).unwrap();
+    let (in_log, in_messages) = s
+        .read(|c| {
+            Ok((
+                logged(c)?,
+                c.query_row("SELECT count(*) FROM messages", [], |r| r.get::<_, i64>(0))?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!((in_log, in_messages), (0, 2));
+    let fk: bool = s
+        .write(|c| c.pragma_query_value(None, "foreign_keys", |r| r.get(0)))
+        .await
+        .unwrap();
+    assert!(fk, "foreign keys are checked again after the fold");
+    assert!(s.write(|c| sessions::delete(c, "s")).await.unwrap());
+    let left: i64 = s
+        .read(|c| c.query_row("SELECT count(*) FROM messages", [], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "deleting a session deletes its folded messages");
+}
+
+#[tokio::test]
+async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path()).unwrap().close();
+    // What the previous release (schema 3) left when it was killed mid-run.
+    {
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.execute_batch(
+            "DROP TABLE turn_log_next;
+             CREATE INDEX turn_log_session ON turn_log (session_id, seq);
+             INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
+                 VALUES ('old', 0, '{\"n\":0}', NULL, 1), ('old', 1, '{\"n\":1}', NULL, 2);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+    }
+    let s = Store::open_folding(dir.path(), None).unwrap();
+    let (version, history) = s
+        .read(|c| {
+            Ok((
+                c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?,
+                sessions::recent(c, "old", 10)?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(history, (2, vec!["{\"n\":0}".into(), "{\"n\":1}".into()]));
+    let first = s
+        .write_unguarded(|c| sessions::append_at(c, "old", &["{}".into()], None, 3))
+        .await
+        .unwrap();
+    assert_eq!(first, 2);
+}

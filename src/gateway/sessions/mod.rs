@@ -291,12 +291,7 @@ impl Sessions {
         let (stored, rows) = self
             .inner
             .store
-            .read(move |c| {
-                let Some(row) = store::sessions::get(c, &id)? else {
-                    return Ok((0, Vec::new()));
-                };
-                Ok((row.messages, store::sessions::history(c, &id, limit)?))
-            })
+            .read(move |c| store::sessions::recent(c, &id, limit))
             .await?;
         let mut recent = Recent::new(stored);
         for r in rows {
@@ -391,7 +386,8 @@ impl Sessions {
                         match self
                             .inner
                             .store
-                            .write(move |c| {
+                            // An append breaks no constraint: only a failing database fails it.
+                            .write_unguarded(move |c| {
                                 let now = store::now_ms();
                                 store::sessions::append_at(c, &sid2, &rows, Some(&id), now)
                                     .map(|first| (first, rows))
