@@ -196,6 +196,10 @@ target = {{ type = "http", url = "{}" }}
         );
         by_id.entry(id).or_default().push(r.at);
     }
+    // The receiver records requests as its connections read them, not in time order.
+    for times in by_id.values_mut() {
+        times.sort();
+    }
     // Repeats only for ids in flight at a kill: first arrival shortly before a kill,
     // the next one after it.
     let mut repeated = 0;
