@@ -44,16 +44,19 @@ pub struct RequestId(pub Arc<str>);
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
 
-/// Unique across re-execs of the same PID: the image's start time is part of the id.
-static IMAGE_NONCE: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
-    std::time::SystemTime::now()
+/// The part of request ids that is the same for the whole process image: the PID and
+/// the image's start time, so ids stay unique across re-execs of the same PID. Computed
+/// once (getpid(2) is a system call).
+static ID_PREFIX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64 & 0xffff_ffff)
+        .map_or(0, |d| d.as_micros() as u64 & 0xffff_ffff);
+    format!("{:x}{nonce:08x}", std::process::id())
 });
 
 fn next_request_id() -> Arc<str> {
     let n = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{:08x}-{n:x}", std::process::id(), *IMAGE_NONCE).into()
+    format!("{}-{n:x}", *ID_PREFIX).into()
 }
 
 /// Accepts on `listener` until the drain begins, serving each connection with `router`.
@@ -362,4 +365,19 @@ async fn handle(
         "{method} {path} {status} {duration_ms:.1}ms"
     );
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_start_with_the_pid_and_never_repeat() {
+        let a = super::next_request_id();
+        let b = super::next_request_id();
+        assert_ne!(a, b);
+        let pid = format!("{:x}", std::process::id());
+        assert!(a.starts_with(&pid), "{a} starts with the PID {pid}");
+        let (prefix_a, _) = a.rsplit_once('-').unwrap();
+        let (prefix_b, _) = b.rsplit_once('-').unwrap();
+        assert_eq!(prefix_a, prefix_b, "one prefix per process image");
+    }
 }
