@@ -191,6 +191,56 @@ fn turns_of_one_session_run_in_order_one_at_a_time() {
 }
 
 #[test]
+fn a_turn_whose_client_leaves_is_abandoned_and_the_turns_behind_it_still_run() {
+    let setup = Setup::new(
+        "127.0.0.1:0",
+        &py_agent("time.sleep(1.0)\nprint(msgs[-1]['content'], end='')"),
+    );
+    let (_gw, addr, _n) = start_api(&setup);
+    // A client that sends a turn and leaves while the agent works on it.
+    let leaver = std::thread::spawn(move || {
+        use std::io::Write;
+        let body = r#"{"messages":[{"role":"user","content":"abandoned"}]}"#;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Hermes-Session-Id: left\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(s);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // Queued behind it, in the same session.
+    let started = Instant::now();
+    let r = chat(addr, Some("left"), "queued", false);
+    leaver.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "queued");
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "the queued turn ran once the abandoned one stopped, not after it finished: {:?}",
+        started.elapsed()
+    );
+    let h = request(addr, "GET", "/v1/sessions/left", &[], "")
+        .unwrap()
+        .json();
+    let texts: Vec<&str> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        ["queued", "queued"],
+        "the abandoned turn is not stored"
+    );
+    assert_eq!(h["busy"], false, "the session is free again");
+}
+
+#[test]
 fn beyond_the_limits_the_answer_is_429_with_retry_after() {
     let setup = Setup::new(
         "127.0.0.1:0",

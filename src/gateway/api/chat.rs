@@ -212,26 +212,25 @@ async fn completions_inner(
     params.remove("stream_options");
     let messages: Vec<Value> = req.messages.into_iter().map(Message::into_value).collect();
 
-    let (dtx, mut drx) = mpsc::unbounded_channel::<String>();
     let (done_tx, done_rx) = oneshot::channel();
-    s.sessions
-        .submit(Turn {
-            run_id: id.clone(),
-            session_id,
-            messages,
-            model: model.clone(),
-            params,
-            stream,
-            kind: TurnKind::Chat {
-                // The reply's pieces as they come, for a client that streams.
-                deltas: stream.then_some(dtx),
-                done: done_tx,
-            },
-        })
-        .map_err(|b| busy(&b))?;
     let created = unix_now();
-
     if !stream {
+        // Nothing to send before the reply: an idle session's turn runs on this task.
+        s.sessions
+            .run_here(Turn {
+                run_id: id.clone(),
+                session_id,
+                messages,
+                model: model.clone(),
+                params,
+                stream,
+                kind: TurnKind::Chat {
+                    deltas: None,
+                    done: done_tx,
+                },
+            })
+            .await
+            .map_err(|b| busy(&b))?;
         let result = done_rx
             .await
             .map_err(|_| ApiError::internal("the turn was dropped").into_response())?;
@@ -253,6 +252,22 @@ async fn completions_inner(
         }));
     }
 
+    // The reply's pieces as they come, sent on while the turn runs on a task of its own.
+    let (dtx, mut drx) = mpsc::unbounded_channel::<String>();
+    s.sessions
+        .submit(Turn {
+            run_id: id.clone(),
+            session_id,
+            messages,
+            model: model.clone(),
+            params,
+            stream,
+            kind: TurnKind::Chat {
+                deltas: Some(dtx),
+                done: done_tx,
+            },
+        })
+        .map_err(|b| busy(&b))?;
     let (tx, response) = sse::response();
     let shutdown = s.shutdown.clone();
     tokio::spawn(async move {

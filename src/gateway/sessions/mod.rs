@@ -7,11 +7,17 @@
 //! (429), as is a turn for a session whose queue is full. A turn without a session is a
 //! session of its own for that purpose. Runs resumed after a restart were accepted before:
 //! they are queued whatever the limits.
+//!
+//! A plain (not streamed) chat turn of an idle session runs on its request's own task
+//! ([`Sessions::run_here`]); the turns that queue behind it, and every other turn, run on a
+//! task per busy session. So a client that leaves mid-turn abandons its turn, as a
+//! reverse proxy aborts the upstream request of a client that went away; durable runs and
+//! streamed turns run to their end.
 
 mod history;
 pub mod live;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
@@ -69,9 +75,19 @@ pub enum TurnKind {
     Run { live: Arc<LiveRun>, attempt: i64 },
 }
 
+/// A busy session: the turns waiting behind the one running (at most `queue_depth`,
+/// checked when one is queued).
+#[derive(Default)]
 struct Slot {
-    tx: mpsc::UnboundedSender<Turn>,
-    waiting: Arc<AtomicUsize>,
+    waiting: VecDeque<Turn>,
+}
+
+/// A session made busy by a turn, and that turn: run it, then the turns that queue
+/// behind it ([`Sessions::next_turn`]) until there is none.
+struct Start {
+    key: String,
+    turn: Turn,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The session scheduler, shared by the API handlers.
@@ -90,6 +106,37 @@ struct Inner {
     runs: RunHub,
     /// Recent history of recently used sessions (see `history`).
     recent: HistoryCache,
+}
+
+/// Ends a turn run by [`Sessions::run_here`]: the session goes idle, or its waiting turns
+/// go to a worker. On drop too, so that a caller dropped mid-turn strands no turn.
+struct Handover<'a> {
+    sessions: &'a Sessions,
+    key: Option<String>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Handover<'_> {
+    fn release(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let mut slots = self.sessions.slots();
+        if slots.get(&key).is_some_and(|s| !s.waiting.is_empty()) {
+            drop(slots);
+            let this = self.sessions.clone();
+            let permit = self.permit.take();
+            tokio::spawn(async move { this.worker(key, permit).await });
+        } else {
+            slots.remove(&key);
+            drop(slots);
+            self.permit.take();
+        }
+    }
+}
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Sessions {
@@ -168,7 +215,7 @@ impl Sessions {
         let slots = self.slots();
         match session_id.and_then(|s| slots.get(s)) {
             Some(slot) => {
-                let w = slot.waiting.load(Ordering::Relaxed);
+                let w = slot.waiting.len();
                 if w >= self.inner.limits.queue_depth {
                     return Err(Busy::QueueFull(session_id.unwrap_or("").into(), w));
                 }
@@ -181,38 +228,57 @@ impl Sessions {
         }
     }
 
-    /// Queues a turn, or refuses it when the limits are reached.
+    /// Queues a turn, or refuses it when the limits are reached. It runs on a task of its
+    /// own; see [`Sessions::run_here`] to run it on the caller's.
     pub fn submit(&self, turn: Turn) -> Result<(), Busy> {
-        self.enqueue(turn, false)
+        if let Some(start) = self.enqueue(turn, false)? {
+            self.spawn_worker(start);
+        }
+        Ok(())
     }
 
     /// Queues a turn that was accepted before (a durable run): limits do not apply.
     pub fn submit_accepted(&self, turn: Turn) {
         // With `force`, enqueue never refuses.
-        let _ = self.enqueue(turn, true);
+        if let Ok(Some(start)) = self.enqueue(turn, true) {
+            self.spawn_worker(start);
+        }
     }
 
-    fn enqueue(&self, turn: Turn, force: bool) -> Result<(), Busy> {
+    /// [`Sessions::submit`], but when the session is idle the turn runs right here, on
+    /// the caller's task: no task, channel or wake-up of its own. Turns that arrive
+    /// meanwhile queue behind it and run on a task of their own once it is done. Returns
+    /// once the turn ran or was queued; its result arrives as for `submit`. A caller
+    /// dropped mid-turn (its client went away) abandons the turn, agent call included,
+    /// as it would any request.
+    pub async fn run_here(&self, turn: Turn) -> Result<(), Busy> {
+        let Some(Start { key, turn, permit }) = self.enqueue(turn, false)? else {
+            return Ok(());
+        };
+        // Hands the session on (to a worker, if turns are waiting) however this ends.
+        let mut handover = Handover {
+            sessions: self,
+            key: Some(key),
+            permit,
+        };
+        self.execute(turn).await;
+        handover.release();
+        Ok(())
+    }
+
+    /// Queues `turn`. `Ok(Some(start))`: the session was idle and is now busy, and the
+    /// caller must run `start`.
+    fn enqueue(&self, turn: Turn, force: bool) -> Result<Option<Start>, Busy> {
         let key = Self::key(&turn);
         let mut slots = self.slots();
-        if let Some(slot) = slots.get(&key) {
-            let w = slot.waiting.load(Ordering::Relaxed);
+        if let Some(slot) = slots.get_mut(&key) {
+            let w = slot.waiting.len();
             if !force && w >= self.inner.limits.queue_depth {
                 return Err(Busy::QueueFull(key, w));
             }
-            slot.waiting.fetch_add(1, Ordering::Relaxed);
+            slot.waiting.push_back(turn);
             self.inner.queued.fetch_add(1, Ordering::Relaxed);
-            match slot.tx.send(turn) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::SendError(turn)) => {
-                    // Cannot happen (workers leave under this lock); start afresh.
-                    slot.waiting.fetch_sub(1, Ordering::Relaxed);
-                    self.inner.queued.fetch_sub(1, Ordering::Relaxed);
-                    slots.remove(&key);
-                    drop(slots);
-                    return self.enqueue(turn, force);
-                }
-            }
+            return Ok(None);
         }
         let permit = match self.inner.permits.clone().try_acquire_owned() {
             Ok(p) => Some(p),
@@ -221,49 +287,38 @@ impl Sessions {
                 return Err(Busy::TooManySessions(self.inner.limits.max_concurrent_runs));
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let waiting = Arc::new(AtomicUsize::new(1));
-        self.inner.queued.fetch_add(1, Ordering::Relaxed);
-        // An unbounded channel: `queue_depth` is enforced above, with `waiting`.
-        let _ = tx.send(turn);
-        slots.insert(
-            key.clone(),
-            Slot {
-                tx,
-                waiting: waiting.clone(),
-            },
-        );
-        drop(slots);
-        let this = self.clone();
-        tokio::spawn(async move { this.worker(key, rx, waiting, permit).await });
-        Ok(())
+        slots.insert(key.clone(), Slot::default());
+        Ok(Some(Start { key, turn, permit }))
     }
 
-    /// Runs a session's turns one after another until its queue is empty.
-    async fn worker(
-        self,
-        key: String,
-        mut rx: mpsc::UnboundedReceiver<Turn>,
-        waiting: Arc<AtomicUsize>,
-        _permit: Option<OwnedSemaphorePermit>,
-    ) {
-        loop {
-            let turn = match rx.try_recv() {
-                Ok(t) => t,
-                Err(_) => {
-                    // Turns are sent under the slots lock: empty under it means done.
-                    let mut slots = self.slots();
-                    match rx.try_recv() {
-                        Ok(t) => t,
-                        Err(_) => {
-                            slots.remove(&key);
-                            return;
-                        }
-                    }
-                }
-            };
-            waiting.fetch_sub(1, Ordering::Relaxed);
-            self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+    fn spawn_worker(&self, start: Start) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Start { key, turn, permit } = start;
+            this.execute(turn).await;
+            this.worker(key, permit).await;
+        });
+    }
+
+    /// The next waiting turn of a busy session; `None`, and the session is idle again,
+    /// when there is none.
+    fn next_turn(&self, key: &str) -> Option<Turn> {
+        let mut slots = self.slots();
+        match slots.get_mut(key).and_then(|s| s.waiting.pop_front()) {
+            Some(t) => {
+                self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+                Some(t)
+            }
+            None => {
+                slots.remove(key);
+                None
+            }
+        }
+    }
+
+    /// Runs a busy session's waiting turns one after another until there is none.
+    async fn worker(self, key: String, _permit: Option<OwnedSemaphorePermit>) {
+        while let Some(turn) = self.next_turn(&key) {
             self.execute(turn).await;
         }
     }
