@@ -34,7 +34,7 @@ pub use migrations::SCHEMA_VERSION;
 pub const DB_FILE: &str = "gateway.db";
 
 /// The turn log (see [`sessions`]) is folded into the sessions' tables after the first
-/// commit past this much time, or past [`FOLD_AFTER_JOBS`] jobs, whichever comes first;
+/// commit past this much time, or past `FOLD_AFTER_JOBS` jobs, whichever comes first;
 /// and when the writer goes idle or stops. A fold's cost is per message moved, whatever
 /// its size; a longer period means fewer, larger folds (and fewer stalls of the writer).
 pub const FOLD_EVERY: Duration = Duration::from_millis(500);
