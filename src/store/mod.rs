@@ -306,13 +306,14 @@ impl Store {
                 c
             }
         };
-        let r = f(&conn);
+        let r = snapshot(&conn, f);
         let mut pool = self
             .inner
             .readers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if pool.len() < READERS {
+        // A connection whose read transaction could not be ended is not reused.
+        if pool.len() < READERS && conn.is_autocommit() {
             pool.push(conn);
         }
         Ok(r?)
@@ -335,6 +336,22 @@ impl Store {
             let _ = t.join();
         }
     }
+}
+
+/// Runs `f` in one read transaction, so that all its statements see the same commit: a
+/// session read from the turn log and then from the folded tables must not see a fold
+/// commit in between (it would find the same messages in both).
+fn snapshot<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let r = f(conn);
+    // Read only: ending it either way just releases the snapshot.
+    let ended = conn.prepare_cached("ROLLBACK")?.execute([]);
+    let v = r?;
+    ended?;
+    Ok(v)
 }
 
 fn exists(p: &Path) -> bool {

@@ -431,3 +431,39 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
         .unwrap();
     assert_eq!(first, 2);
 }
+
+#[tokio::test]
+async fn a_read_sees_one_commit_even_when_a_fold_commits_in_the_middle_of_it() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    s.write(|c| sessions::append(c, "s", &["{}".into(), "{}".into()], None, 1))
+        .await
+        .unwrap();
+    let (mid_tx, mid_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn({
+        let s = s.clone();
+        move || {
+            s.read_blocking(|c| {
+                let in_log = logged(c)?;
+                mid_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                let folded: i64 = c.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?;
+                Ok((in_log, folded))
+            })
+            .unwrap()
+        }
+    });
+    tokio::task::spawn_blocking(move || mid_rx.recv().unwrap())
+        .await
+        .unwrap();
+    // The fold commits between the reader's two statements.
+    assert_eq!(s.write(sessions::fold).await.unwrap(), 2);
+    go_tx.send(()).unwrap();
+    let (in_log, folded) = reader.join().unwrap();
+    assert_eq!(
+        (in_log, folded),
+        (2, 0),
+        "both statements see the commit before the fold, not one on each side"
+    );
+}
