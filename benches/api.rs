@@ -13,30 +13,25 @@
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3),
 //! BENCH_CONNS (default 64).
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use support::{MakeRequest, drive, env_u64, median};
 use tokio::net::TcpStream;
 
 use hermes_gateway::store::{DB_FILE, sessions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hermes-gateway");
 const TURNS_PER_SESSION: u64 = 20;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Gateway {
     child: Child,
@@ -188,64 +183,6 @@ fn switches(pid: &str) -> u64 {
 /// Clock ticks per second (`getconf CLK_TCK`): 100 on Linux.
 const TICK_US: f64 = 10_000.0;
 
-async fn connection(
-    addr: SocketAddr,
-    load: Load,
-    conn_id: usize,
-    round: usize,
-    until: Instant,
-    errors: Arc<AtomicU64>,
-) -> Vec<u32> {
-    let mut lat = Vec::with_capacity(100_000);
-    let Ok(stream) = TcpStream::connect(addr).await else {
-        errors.fetch_add(1, Ordering::Relaxed);
-        return lat;
-    };
-    let _ = stream.set_nodelay(true);
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    else {
-        errors.fetch_add(1, Ordering::Relaxed);
-        return lat;
-    };
-    tokio::spawn(conn);
-    let mut n: u64 = 0;
-    while Instant::now() < until {
-        let req = match load {
-            Load::Health => Request::get("/health")
-                .header("host", "bench")
-                .body(Full::new(Bytes::new())),
-            Load::SessionTurn => {
-                let session = format!("bench-{round}-{conn_id}-{}", n / TURNS_PER_SESSION);
-                let body = format!(
-                    r#"{{"model":"hermes-agent","messages":[{{"role":"user","content":"turn {n} of a benchmark conversation"}}]}}"#
-                );
-                Request::post("/v1/chat/completions")
-                    .header("host", "bench")
-                    .header("content-type", "application/json")
-                    .header("x-hermes-session-id", session)
-                    .body(Full::new(Bytes::from(body)))
-            }
-        };
-        let Ok(req) = req else { break };
-        n += 1;
-        let t = Instant::now();
-        match sender.send_request(req).await {
-            Ok(resp) => {
-                let ok = resp.status().is_success();
-                if resp.into_body().collect().await.is_err() || !ok {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-            }
-            Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-        }
-    }
-    lat
-}
-
 fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outcome {
     let addr = gw.addr;
     let gw_pid = gw.child.id().to_string();
@@ -253,46 +190,36 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
     let wr0 = writer_ticks(&gw_pid);
     let cs0 = switches(&gw_pid);
     let w0 = written(&gw_pid);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("client runtime");
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let until = started + Duration::from_secs(secs);
-    let mut all: Vec<u32> = rt.block_on(async {
-        let tasks: Vec<_> = (0..conns)
-            .map(|i| tokio::spawn(connection(addr, load, i, round, until, errors.clone())))
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            if let Ok(v) = t.await {
-                all.extend(v);
-            }
+    let make: Arc<MakeRequest> = Arc::new(move |conn_id, n| match load {
+        Load::Health => Request::get("/health")
+            .header("host", "bench")
+            .body(Full::new(Bytes::new())),
+        Load::SessionTurn => {
+            let session = format!("bench-{round}-{conn_id}-{}", n / TURNS_PER_SESSION);
+            let body = format!(
+                r#"{{"model":"hermes-agent","messages":[{{"role":"user","content":"turn {n} of a benchmark conversation"}}]}}"#
+            );
+            Request::post("/v1/chat/completions")
+                .header("host", "bench")
+                .header("content-type", "application/json")
+                .header("x-hermes-session-id", session)
+                .body(Full::new(Bytes::from(body)))
         }
-        all
     });
-    let elapsed = started.elapsed().as_secs_f64();
-    // The client runtime is dropped first, so its threads' time is counted.
-    drop(rt);
+    // The client runtime is dropped by `drive`, so its threads' time is counted below.
+    let load = drive(addr, conns, secs, make);
     let (gw1, me1, m1) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
     let wr1 = writer_ticks(&gw_pid);
     let cs1 = switches(&gw_pid);
     let w1 = written(&gw_pid);
-    let n = all.len().max(1) as f64;
+    let n = load.latencies_us.len().max(1) as f64;
     let ours = (gw1 - gw0) + (me1 - me0);
     let others = (m1.0 - m0.0).saturating_sub(ours);
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |&us| f64::from(us) / 1000.0)
-    };
     Outcome {
-        rps: all.len() as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        errors: errors.load(Ordering::Relaxed),
+        rps: load.rps(),
+        p50_ms: load.quantile_ms(0.50),
+        p99_ms: load.quantile_ms(0.99),
+        errors: load.errors,
         gw_cpu_us: (gw1 - gw0) as f64 * TICK_US / n,
         switches: cs1.saturating_sub(cs0) as f64 / n,
         writer_cpu_us: wr1.saturating_sub(wr0) as f64 * TICK_US / n,
@@ -301,11 +228,6 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
         others_pct: 100.0 * others as f64 / (m1.1 - m0.1).max(1) as f64,
         gw_write_bytes: w1.saturating_sub(w0) as f64 / n,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Sessions in the gateway's database, counted as the store counts them (its turn log

@@ -13,31 +13,24 @@
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3),
 //! BENCH_CONNS (default 64).
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::Request;
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use sha2::Sha256;
-use tokio::net::TcpStream;
+use support::{MakeRequest, drive, env_u64, median};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hermes-gateway");
 const SECRET: &str = "bench-secret";
 const BODY_SIZE: usize = 4096;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Gateway {
     child: Child,
@@ -133,106 +126,34 @@ fn payload(id: &str) -> String {
     format!("{head}{}\"}}", "x".repeat(pad))
 }
 
-async fn connection(
-    addr: SocketAddr,
-    load: Load,
-    conn_id: usize,
-    round: usize,
-    until: Instant,
-    errors: Arc<AtomicU64>,
-) -> Vec<u32> {
-    let mut lat = Vec::with_capacity(100_000);
-    let Ok(stream) = TcpStream::connect(addr).await else {
-        errors.fetch_add(1, Ordering::Relaxed);
-        return lat;
-    };
-    let _ = stream.set_nodelay(true);
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    else {
-        errors.fetch_add(1, Ordering::Relaxed);
-        return lat;
-    };
-    tokio::spawn(conn);
-    let mut n: u64 = 0;
-    while Instant::now() < until {
-        let req = match load {
-            Load::Health => Request::get("/health")
-                .header("host", "bench")
-                .body(Full::new(Bytes::new())),
-            Load::Delivery => {
-                let id = format!("bench-{round}-{conn_id}-{n}");
-                let body = payload(&id);
-                let mut m = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac key");
-                m.update(body.as_bytes());
-                let sig = format!("sha256={}", hex(&m.finalize().into_bytes()));
-                Request::post("/webhooks/bench")
-                    .header("host", "bench")
-                    .header("content-type", "application/json")
-                    .header("x-github-delivery", id)
-                    .header("x-github-event", "pull_request")
-                    .header("x-hub-signature-256", sig)
-                    .body(Full::new(Bytes::from(body)))
-            }
-        };
-        let Ok(req) = req else { break };
-        n += 1;
-        let t = Instant::now();
-        match sender.send_request(req).await {
-            Ok(resp) => {
-                let ok = resp.status().is_success();
-                if resp.into_body().collect().await.is_err() || !ok {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-            }
-            Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-        }
-    }
-    lat
-}
-
 fn run(addr: SocketAddr, load: Load, conns: usize, secs: u64, round: usize) -> Outcome {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("client runtime");
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let until = started + Duration::from_secs(secs);
-    let mut all: Vec<u32> = rt.block_on(async {
-        let tasks: Vec<_> = (0..conns)
-            .map(|i| tokio::spawn(connection(addr, load, i, round, until, errors.clone())))
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            if let Ok(v) = t.await {
-                all.extend(v);
-            }
+    let make: Arc<MakeRequest> = Arc::new(move |conn_id, n| match load {
+        Load::Health => Request::get("/health")
+            .header("host", "bench")
+            .body(Full::new(Bytes::new())),
+        Load::Delivery => {
+            let id = format!("bench-{round}-{conn_id}-{n}");
+            let body = payload(&id);
+            let mut m = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac key");
+            m.update(body.as_bytes());
+            let sig = format!("sha256={}", hex(&m.finalize().into_bytes()));
+            Request::post("/webhooks/bench")
+                .header("host", "bench")
+                .header("content-type", "application/json")
+                .header("x-github-delivery", id)
+                .header("x-github-event", "pull_request")
+                .header("x-hub-signature-256", sig)
+                .body(Full::new(Bytes::from(body)))
         }
-        all
     });
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |&us| f64::from(us) / 1000.0)
-    };
+    let load = drive(addr, conns, secs, make);
     Outcome {
-        rps: all.len() as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        errors: errors.load(Ordering::Relaxed),
-        count: all.len(),
+        rps: load.rps(),
+        p50_ms: load.quantile_ms(0.50),
+        p99_ms: load.quantile_ms(0.99),
+        errors: load.errors,
+        count: load.latencies_us.len(),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn open_deliveries(db: &Path) -> i64 {

@@ -1,0 +1,126 @@
+//! What the API and webhook benchmarks share: the closed-loop load generator (each
+//! keep-alive connection sends its next request when the last answer is in), its latency
+//! figures, and small helpers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// `name` from the environment as a number, else `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The `n`-th request (from 0) of connection `conn`.
+pub type MakeRequest = dyn Fn(usize, u64) -> http::Result<Request<Full<Bytes>>> + Send + Sync;
+
+/// What one load run measured.
+pub struct Load {
+    /// Latencies of the answered requests, in microseconds, sorted.
+    pub latencies_us: Vec<u32>,
+    pub errors: u64,
+    pub elapsed: Duration,
+}
+
+impl Load {
+    pub fn rps(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The `p` quantile (0..1) of the latencies, in milliseconds.
+    pub fn quantile_ms(&self, p: f64) -> f64 {
+        let all = &self.latencies_us;
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |&us| f64::from(us) / 1000.0)
+    }
+}
+
+/// `conns` keep-alive connections to `addr` for `secs` seconds, each sending the requests
+/// `make` builds, on a client runtime of two threads (dropped before this returns, so that
+/// its threads' CPU time is counted by whoever reads it next).
+pub fn drive(addr: SocketAddr, conns: usize, secs: u64, make: Arc<MakeRequest>) -> Load {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let mut all: Vec<u32> = rt.block_on(async {
+        let tasks: Vec<_> = (0..conns)
+            .map(|i| tokio::spawn(connection(addr, i, until, errors.clone(), make.clone())))
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            if let Ok(v) = t.await {
+                all.extend(v);
+            }
+        }
+        all
+    });
+    let elapsed = started.elapsed();
+    drop(rt);
+    all.sort_unstable();
+    Load {
+        latencies_us: all,
+        errors: errors.load(Ordering::Relaxed),
+        elapsed,
+    }
+}
+
+async fn connection(
+    addr: SocketAddr,
+    conn_id: usize,
+    until: Instant,
+    errors: Arc<AtomicU64>,
+    make: Arc<MakeRequest>,
+) -> Vec<u32> {
+    let mut lat = Vec::with_capacity(100_000);
+    let Ok(stream) = TcpStream::connect(addr).await else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return lat;
+    };
+    let _ = stream.set_nodelay(true);
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return lat;
+    };
+    tokio::spawn(conn);
+    let mut n: u64 = 0;
+    while Instant::now() < until {
+        let Ok(req) = make(conn_id, n) else { break };
+        n += 1;
+        let t = Instant::now();
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                let ok = resp.status().is_success();
+                if resp.into_body().collect().await.is_err() || !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    lat
+}
