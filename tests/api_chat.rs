@@ -190,6 +190,48 @@ fn turns_of_one_session_run_in_order_one_at_a_time() {
     );
 }
 
+/// Sends a chat turn on a raw connection and closes it `after` the request went out.
+fn leave_after(
+    addr: SocketAddr,
+    session: &str,
+    text: &str,
+    stream: bool,
+    after: Duration,
+) -> std::thread::JoinHandle<()> {
+    let body = serde_json::json!({
+        "stream": stream,
+        "messages": [{"role": "user", "content": text}],
+    })
+    .to_string();
+    let session = session.to_owned();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Hermes-Session-Id: {session}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(after);
+        drop(s);
+    })
+}
+
+/// The contents of a session's stored messages, oldest first.
+fn stored_texts(addr: SocketAddr, session: &str) -> (Vec<String>, serde_json::Value) {
+    let h = request(addr, "GET", &format!("/v1/sessions/{session}"), &[], "")
+        .unwrap()
+        .json();
+    let texts = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["content"].as_str().map(str::to_owned))
+        .collect();
+    (texts, h)
+}
+
 #[test]
 fn a_turn_whose_client_leaves_is_abandoned_and_the_turns_behind_it_still_run() {
     let setup = Setup::new(
@@ -197,47 +239,61 @@ fn a_turn_whose_client_leaves_is_abandoned_and_the_turns_behind_it_still_run() {
         &py_agent("time.sleep(1.0)\nprint(msgs[-1]['content'], end='')"),
     );
     let (_gw, addr, _n) = start_api(&setup);
-    // A client that sends a turn and leaves while the agent works on it.
-    let leaver = std::thread::spawn(move || {
-        use std::io::Write;
-        let body = r#"{"messages":[{"role":"user","content":"abandoned"}]}"#;
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(
-            s,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Hermes-Session-Id: left\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        drop(s);
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    // Queued behind it, in the same session.
+    for (session, stream) in [("plain", false), ("streamed", true)] {
+        // A client that sends a turn and leaves while the agent works on it.
+        let leaver = leave_after(
+            addr,
+            session,
+            "abandoned",
+            stream,
+            Duration::from_millis(300),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        // Queued behind it, in the same session.
+        let started = Instant::now();
+        let r = chat(addr, Some(session), "queued", false);
+        leaver.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["choices"][0]["message"]["content"], "queued");
+        assert!(
+            started.elapsed() < Duration::from_millis(1900),
+            "{session}: the queued turn ran once the abandoned one stopped, not after it finished: {:?}",
+            started.elapsed()
+        );
+        let (texts, h) = stored_texts(addr, session);
+        assert_eq!(
+            texts,
+            ["queued", "queued"],
+            "{session}: the abandoned turn is not stored"
+        );
+        assert_eq!(h["busy"], false, "{session}: the session is free again");
+    }
+}
+
+#[test]
+fn a_queued_turn_whose_client_left_is_never_run() {
+    let setup = Setup::new(
+        "127.0.0.1:0",
+        &py_agent("time.sleep(0.8)\nprint(msgs[-1]['content'], end='')"),
+    );
+    let (_gw, addr, _n) = start_api(&setup);
     let started = Instant::now();
-    let r = chat(addr, Some("left"), "queued", false);
+    let first = std::thread::spawn(move || chat(addr, Some("q"), "first", false));
+    std::thread::sleep(Duration::from_millis(150));
+    // Waits behind `first`, and leaves before its turn comes.
+    let leaver = leave_after(addr, "q", "left", false, Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(100));
+    let last = chat(addr, Some("q"), "last", false);
     leaver.join().unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["choices"][0]["message"]["content"], "queued");
+    assert_eq!(first.join().unwrap().status, 200);
+    assert_eq!(last.status, 200, "{}", last.body);
     assert!(
-        started.elapsed() < Duration::from_millis(1900),
-        "the queued turn ran once the abandoned one stopped, not after it finished: {:?}",
+        started.elapsed() < Duration::from_millis(2300),
+        "two turns of 0.8 s ran, not three: {:?}",
         started.elapsed()
     );
-    let h = request(addr, "GET", "/v1/sessions/left", &[], "")
-        .unwrap()
-        .json();
-    let texts: Vec<&str> = h["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["content"].as_str())
-        .collect();
-    assert_eq!(
-        texts,
-        ["queued", "queued"],
-        "the abandoned turn is not stored"
-    );
-    assert_eq!(h["busy"], false, "the session is free again");
+    let (texts, _) = stored_texts(addr, "q");
+    assert_eq!(texts, ["first", "first", "last", "last"]);
 }
 
 #[test]

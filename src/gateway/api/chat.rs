@@ -311,6 +311,8 @@ async fn completions_inner(
                     let _ = tx.send(sse::restarting_event()).await;
                     return;
                 }
+                // The client went away: dropping `done_rx` abandons the turn.
+                () = tx.closed() => return,
             }
         }
         let result = tokio::select! {
@@ -319,6 +321,7 @@ async fn completions_inner(
                 let _ = tx.send(sse::restarting_event()).await;
                 return;
             }
+            () = tx.closed() => return,
         };
         let last = match result {
             Ok(Ok(_)) => vec![

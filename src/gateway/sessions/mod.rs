@@ -10,9 +10,9 @@
 //!
 //! A plain (not streamed) chat turn of an idle session runs on its request's own task
 //! ([`Sessions::run_here`]); the turns that queue behind it, and every other turn, run on a
-//! task per busy session. So a client that leaves mid-turn abandons its turn, as a
-//! reverse proxy aborts the upstream request of a client that went away; durable runs and
-//! streamed turns run to their end.
+//! task per busy session. A chat turn whose client leaves is abandoned, agent call
+//! included, whether it runs or waits, streamed or not — as a reverse proxy aborts the
+//! upstream request of a client that went away. Durable runs go on to their end.
 
 mod history;
 pub mod live;
@@ -399,7 +399,16 @@ impl Sessions {
             kind,
         } = turn;
         match kind {
-            TurnKind::Chat { deltas, done } => {
+            TurnKind::Chat { deltas, mut done } => {
+                if done.is_closed() {
+                    // Queued, and its client has gone since: nobody to answer.
+                    tracing::info!(
+                        session_key = session_id.as_deref().unwrap_or(""),
+                        run_id = %run_id,
+                        "turn dropped before it started: its client went away"
+                    );
+                    return;
+                }
                 let started = Instant::now();
                 let recent = match self.history(&session_id).await {
                     Ok(h) => h,
@@ -427,8 +436,22 @@ impl Sessions {
                         let _ = deltas.send(d.to_owned());
                     }
                 };
-                let result = agent.run(&input, &mut sink).await;
+                // The client leaving ends the turn: its request is dropped, or (streamed or
+                // queued) the receiver of its answer.
+                let result = tokio::select! {
+                    r = agent.run(&input, &mut sink) => Some(r),
+                    () = done.closed() => None,
+                };
                 drop(input);
+                let Some(result) = result else {
+                    self.return_history(&session_id, recent);
+                    tracing::info!(
+                        session_key = session_id.as_deref().unwrap_or(""),
+                        run_id = %run_id,
+                        "turn abandoned: its client went away"
+                    );
+                    return;
+                };
                 let result = match (result, &session_id) {
                     (Ok(reply), Some(sid)) => {
                         let sid = sid.clone();
