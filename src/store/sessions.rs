@@ -226,6 +226,12 @@ pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
         .execute([id])?;
     conn.prepare_cached("DELETE FROM turn_log_next WHERE session_id = ?1")?
         .execute([id])?;
-    let folded = conn.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+    // The foreign key's cascade would do it; said here too, so that a delete never
+    // depends on the connection's `foreign_keys` setting (the writer turns it off to fold).
+    conn.prepare_cached("DELETE FROM messages WHERE session_id = ?1")?
+        .execute([id])?;
+    let folded = conn
+        .prepare_cached("DELETE FROM sessions WHERE id = ?1")?
+        .execute([id])?;
     Ok(logged + folded > 0)
 }

@@ -467,3 +467,21 @@ async fn a_read_sees_one_commit_even_when_a_fold_commits_in_the_middle_of_it() {
         "both statements see the commit before the fold, not one on each side"
     );
 }
+
+#[tokio::test]
+async fn a_delete_removes_folded_messages_even_without_foreign_key_checks() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    s.write(|c| sessions::append(c, "s", &["{}".into(), "{}".into()], None, 1))
+        .await
+        .unwrap();
+    assert_eq!(s.write(sessions::fold).await.unwrap(), 2);
+    s.close();
+    let c = Connection::open(d.path().join(DB_FILE)).unwrap();
+    c.pragma_update(None, "foreign_keys", false).unwrap();
+    assert!(sessions::delete(&c, "s").unwrap());
+    let left: i64 = c
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "no orphaned messages");
+}

@@ -120,11 +120,14 @@ impl Handover<'_> {
     fn release(&mut self) {
         let Some(key) = self.key.take() else { return };
         let mut slots = self.sessions.slots();
-        if slots.get(&key).is_some_and(|s| !s.waiting.is_empty()) {
+        let waiting = slots.get(&key).is_some_and(|s| !s.waiting.is_empty());
+        // Without a runtime (a request dropped while the process stops), the waiting turns
+        // go with their slot: their requests are being dropped too.
+        if let (true, Ok(rt)) = (waiting, tokio::runtime::Handle::try_current()) {
             drop(slots);
             let this = self.sessions.clone();
             let permit = self.permit.take();
-            tokio::spawn(async move { this.worker(key, permit).await });
+            rt.spawn(async move { this.worker(key, permit).await });
         } else {
             slots.remove(&key);
             drop(slots);
