@@ -129,7 +129,13 @@ impl Handover<'_> {
             let permit = self.permit.take();
             rt.spawn(async move { this.worker(key, permit).await });
         } else {
-            slots.remove(&key);
+            if let Some(slot) = slots.remove(&key) {
+                let dropped = slot.waiting.len();
+                self.sessions
+                    .inner
+                    .queued
+                    .fetch_sub(dropped, Ordering::Relaxed);
+            }
             drop(slots);
             self.permit.take();
         }
