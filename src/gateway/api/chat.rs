@@ -214,23 +214,28 @@ async fn completions_inner(
 
     let (done_tx, done_rx) = oneshot::channel();
     let created = unix_now();
-    if !stream {
+    // The reply's pieces as they come, for a client that streams.
+    let (dtx, drx) = if stream {
+        let (tx, rx) = mpsc::unbounded_channel::<String>();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let turn = Turn {
+        run_id: id.clone(),
+        session_id,
+        messages,
+        model: model.clone(),
+        params,
+        stream,
+        kind: TurnKind::Chat {
+            deltas: dtx,
+            done: done_tx,
+        },
+    };
+    let Some(mut drx) = drx else {
         // Nothing to send before the reply: an idle session's turn runs on this task.
-        s.sessions
-            .run_here(Turn {
-                run_id: id.clone(),
-                session_id,
-                messages,
-                model: model.clone(),
-                params,
-                stream,
-                kind: TurnKind::Chat {
-                    deltas: None,
-                    done: done_tx,
-                },
-            })
-            .await
-            .map_err(|b| busy(&b))?;
+        s.sessions.run_here(turn).await.map_err(|b| busy(&b))?;
         let result = done_rx
             .await
             .map_err(|_| ApiError::internal("the turn was dropped").into_response())?;
@@ -250,24 +255,10 @@ async fn completions_inner(
             }],
             usage: Usage::default(),
         }));
-    }
+    };
 
-    // The reply's pieces as they come, sent on while the turn runs on a task of its own.
-    let (dtx, mut drx) = mpsc::unbounded_channel::<String>();
-    s.sessions
-        .submit(Turn {
-            run_id: id.clone(),
-            session_id,
-            messages,
-            model: model.clone(),
-            params,
-            stream,
-            kind: TurnKind::Chat {
-                deltas: Some(dtx),
-                done: done_tx,
-            },
-        })
-        .map_err(|b| busy(&b))?;
+    // Streamed: the turn runs on a task of its own while the pieces are sent on.
+    s.sessions.submit(turn).map_err(|b| busy(&b))?;
     let (tx, response) = sse::response();
     let shutdown = s.shutdown.clone();
     tokio::spawn(async move {

@@ -427,18 +427,15 @@ impl Sessions {
                     }
                 };
                 let messages: Vec<Arc<Value>> = messages.into_iter().map(Arc::new).collect();
-                let input = TurnInput {
-                    session_id: session_id.clone(),
-                    run_id: run_id.clone(),
+                let input = turn_input(
+                    &session_id,
+                    &run_id,
                     model,
-                    messages: recent
-                        .iter()
-                        .flat_map(|r| r.messages.iter().cloned())
-                        .chain(messages.iter().cloned())
-                        .collect(),
+                    recent.as_ref(),
+                    &messages,
                     params,
                     stream,
-                };
+                );
                 let agent = self.agent();
                 let mut sink = |d: &str| {
                     if let Some(deltas) = &deltas {
@@ -465,10 +462,7 @@ impl Sessions {
                     (Ok(reply), Some(sid)) => {
                         let sid = sid.clone();
                         let id = run_id.clone();
-                        let mut rows: Vec<String> =
-                            messages.iter().map(|m| m.to_string()).collect();
-                        let answer = Arc::new(json!({"role": "assistant", "content": reply}));
-                        rows.push(answer.to_string());
+                        let (answer, rows) = reply_rows(&messages, &reply);
                         let sid2 = sid.clone();
                         match self
                             .inner
@@ -563,18 +557,15 @@ impl Sessions {
         let outcome = match self.history(&session_id).await {
             Err(e) => Some(Err(TurnError::Store(e.to_string()))),
             Ok(history) => {
-                let input = TurnInput {
-                    session_id: session_id.clone(),
-                    run_id: run_id.clone(),
-                    model: model.clone(),
-                    messages: history
-                        .iter()
-                        .flat_map(|r| r.messages.iter().cloned())
-                        .chain(messages.iter().cloned())
-                        .collect(),
+                let input = turn_input(
+                    &session_id,
+                    &run_id,
+                    model.clone(),
+                    history.as_ref(),
+                    &messages,
                     params,
-                    stream: true,
-                };
+                    true,
+                );
                 recent = history;
                 let agent = self.agent();
                 let this = self.clone();
@@ -611,13 +602,10 @@ impl Sessions {
         let sid = session_id.clone();
         let reply = output.clone();
         let err = error.clone();
-        let mut rows: Vec<String> = messages.iter().map(|m| m.to_string()).collect();
-        let answer = output
-            .as_ref()
-            .map(|reply| Arc::new(json!({"role": "assistant", "content": reply})));
-        if let Some(a) = &answer {
-            rows.push(a.to_string());
-        }
+        let (answer, rows) = match output.as_deref().map(|r| reply_rows(&messages, r)) {
+            Some((answer, rows)) => (Some(answer), rows),
+            None => (None, Vec::new()),
+        };
         let committed = self
             .inner
             .store
@@ -692,15 +680,7 @@ impl Sessions {
             return Err(e);
         }
         tracing::info!(session_key = %row.session_id.as_deref().unwrap_or(""), run_id = %row.id, "run queued");
-        self.submit_accepted(Turn {
-            run_id: row.id,
-            session_id: row.session_id,
-            messages,
-            model: row.model,
-            params: Map::new(),
-            stream: true,
-            kind: TurnKind::Run { live, attempt: 1 },
-        });
+        self.submit_accepted(run_turn(row, messages, live, 1));
         Ok(())
     }
 
@@ -770,17 +750,59 @@ impl Sessions {
             tracing::info!(session_key = %row.session_id.as_deref().unwrap_or(""), run_id = %row.id,
                 "resuming run that was {} when the gateway stopped", row.status.as_str());
             self.inner.runs.insert(live.clone());
-            self.submit_accepted(Turn {
-                run_id: row.id,
-                session_id: row.session_id,
-                messages,
-                model: row.model,
-                params: Map::new(),
-                stream: true,
-                kind: TurnKind::Run { live, attempt },
-            });
+            self.submit_accepted(run_turn(row, messages, live, attempt));
         }
         Ok(n)
+    }
+}
+
+/// What an agent is given for a turn: the session's recent history, then the turn's own
+/// messages.
+fn turn_input(
+    session_id: &Option<String>,
+    run_id: &str,
+    model: String,
+    recent: Option<&Recent>,
+    messages: &[Arc<Value>],
+    params: Map<String, Value>,
+    stream: bool,
+) -> TurnInput {
+    TurnInput {
+        session_id: session_id.clone(),
+        run_id: run_id.to_owned(),
+        model,
+        messages: recent
+            .iter()
+            .flat_map(|r| r.messages.iter().cloned())
+            .chain(messages.iter().cloned())
+            .collect(),
+        params,
+        stream,
+    }
+}
+
+/// The agent's reply as a message, and the rows (JSON) a turn adds to its session: its
+/// messages, then that reply.
+fn reply_rows(messages: &[Arc<Value>], reply: &str) -> (Arc<Value>, Vec<String>) {
+    let answer = Arc::new(json!({"role": "assistant", "content": reply}));
+    let rows = messages
+        .iter()
+        .chain([&answer])
+        .map(|m| m.to_string())
+        .collect();
+    (answer, rows)
+}
+
+/// The turn of a durable run, stored as `row`, at its `attempt`.
+fn run_turn(row: RunRow, messages: Vec<Value>, live: Arc<LiveRun>, attempt: i64) -> Turn {
+    Turn {
+        run_id: row.id,
+        session_id: row.session_id,
+        messages,
+        model: row.model,
+        params: Map::new(),
+        stream: true,
+        kind: TurnKind::Run { live, attempt },
     }
 }
 
