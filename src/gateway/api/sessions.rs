@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::Shared;
 use crate::gateway::error::ApiError;
+use crate::gateway::sessions::Deleted;
 use crate::store::{self, StoreError};
 
 #[derive(Deserialize)]
@@ -105,8 +106,9 @@ pub async fn get(
 }
 
 pub async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Response {
-    if s.sessions.is_busy(&id) {
-        return ApiError::new(
+    match s.sessions.delete(&id).await {
+        Err(e) => store_error(e),
+        Ok(Deleted::Busy) => ApiError::new(
             StatusCode::CONFLICT,
             "invalid_request_error",
             format!(
@@ -114,20 +116,9 @@ pub async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Response
                 id.escape_default()
             ),
         )
-        .into_response();
-    }
-    let sid = id.clone();
-    let deleted = s
-        .sessions
-        .store()
-        .write(move |c| store::sessions::delete(c, &sid))
-        .await;
-    // After the commit: a turn that raced the delete finds its copy stale by its count.
-    s.sessions.forget_history(&id);
-    match deleted {
-        Err(e) => store_error(e),
-        Ok(false) => ApiError::not_found("session", &id).into_response(),
-        Ok(true) => {
+        .into_response(),
+        Ok(Deleted::Missing) => ApiError::not_found("session", &id).into_response(),
+        Ok(Deleted::Deleted) => {
             tracing::info!(session_key = %id, "session deleted");
             Json(json!({"id": id, "object": "session.deleted", "deleted": true})).into_response()
         }

@@ -43,6 +43,16 @@ pub enum Busy {
     QueueFull(String, usize),
 }
 
+/// What [`Sessions::delete`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    Deleted,
+    /// No such session.
+    Missing,
+    /// A turn of the session is running or waiting: nothing was deleted.
+    Busy,
+}
+
 /// Why an accepted chat turn produced no reply.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TurnError {
@@ -73,6 +83,18 @@ pub enum TurnKind {
     },
     /// A durable run: its events and result go to the store and to subscribers.
     Run { live: Arc<LiveRun>, attempt: i64 },
+}
+
+/// A chat turn's outcome and where it goes; see [`Sessions::execute`].
+struct Answer(
+    oneshot::Sender<Result<String, TurnError>>,
+    Result<String, TurnError>,
+);
+
+impl Answer {
+    fn send(self) {
+        let _ = self.0.send(self.1);
+    }
 }
 
 /// A busy session: the turns waiting behind the one running (at most `queue_depth`,
@@ -126,8 +148,13 @@ impl Handover<'_> {
         if let (true, Ok(rt)) = (waiting, tokio::runtime::Handle::try_current()) {
             drop(slots);
             let this = self.sessions.clone();
-            let permit = self.permit.take();
-            rt.spawn(async move { this.worker(key, permit).await });
+            // A delete holds no permit: the turns that waited behind it take one if any
+            // is left (they were accepted, so they run either way).
+            let permit = self
+                .permit
+                .take()
+                .or_else(|| this.inner.permits.clone().try_acquire_owned().ok());
+            rt.spawn(async move { this.worker(key, permit, None).await });
         } else {
             if let Some(slot) = slots.remove(&key) {
                 let dropped = slot.waiting.len();
@@ -270,8 +297,11 @@ impl Sessions {
             key: Some(key),
             permit,
         };
-        self.execute(turn).await;
+        let answer = self.execute(turn).await;
         handover.release();
+        if let Some(a) = answer {
+            a.send();
+        }
         Ok(())
     }
 
@@ -304,8 +334,8 @@ impl Sessions {
         let this = self.clone();
         tokio::spawn(async move {
             let Start { key, turn, permit } = start;
-            this.execute(turn).await;
-            this.worker(key, permit).await;
+            let answer = this.execute(turn).await;
+            this.worker(key, permit, answer).await;
         });
     }
 
@@ -325,16 +355,59 @@ impl Sessions {
         }
     }
 
-    /// Runs a busy session's waiting turns one after another until there is none.
-    async fn worker(self, key: String, _permit: Option<OwnedSemaphorePermit>) {
-        while let Some(turn) = self.next_turn(&key) {
-            self.execute(turn).await;
+    /// Runs a busy session's waiting turns one after another until there is none. Each
+    /// answer (`answer`: that of the turn run before) is sent once the next turn is taken,
+    /// or the session is idle and its permit given back.
+    async fn worker(
+        self,
+        key: String,
+        mut permit: Option<OwnedSemaphorePermit>,
+        mut answer: Option<Answer>,
+    ) {
+        loop {
+            let next = self.next_turn(&key);
+            if next.is_none() {
+                permit.take();
+            }
+            if let Some(a) = answer.take() {
+                a.send();
+            }
+            let Some(turn) = next else { break };
+            answer = self.execute(turn).await;
         }
     }
 
-    /// Forgets the in-memory history of a session, e.g. once it was deleted.
-    pub fn forget_history(&self, session_id: &str) {
+    /// Deletes a session and its history, unless a turn of it is running or waiting.
+    /// The session is held busy meanwhile, as by a turn: a turn that arrives during the
+    /// delete waits for it and then starts a new session, rather than reading the history
+    /// being deleted and writing its reply into the session after it.
+    pub async fn delete(&self, session_id: &str) -> Result<Deleted, StoreError> {
+        {
+            let mut slots = self.slots();
+            if slots.contains_key(session_id) {
+                return Ok(Deleted::Busy);
+            }
+            slots.insert(session_id.to_owned(), Slot::default());
+        }
+        // Turns that queued behind the delete go to a worker when it ends, however it ends.
+        let mut hold = Handover {
+            sessions: self,
+            key: Some(session_id.to_owned()),
+            permit: None,
+        };
+        let id = session_id.to_owned();
+        let deleted = self
+            .inner
+            .store
+            .write(move |c| store::sessions::delete(c, &id))
+            .await;
         self.inner.recent.forget(session_id);
+        hold.release();
+        Ok(if deleted? {
+            Deleted::Deleted
+        } else {
+            Deleted::Missing
+        })
     }
 
     /// The recent history of a session, for one turn: from memory when it is there, else
@@ -397,7 +470,10 @@ impl Sessions {
         }
     }
 
-    async fn execute(&self, turn: Turn) {
+    /// Runs one turn. A chat turn's answer is returned, not sent: the caller sends it once
+    /// the session is handed on, so that a client that has its answer finds the session
+    /// idle (a DELETE right after the reply is not refused as busy).
+    async fn execute(&self, turn: Turn) -> Option<Answer> {
         let Turn {
             run_id,
             session_id,
@@ -416,15 +492,12 @@ impl Sessions {
                         run_id = %run_id,
                         "turn dropped before it started: its client went away"
                     );
-                    return;
+                    return None;
                 }
                 let started = Instant::now();
                 let recent = match self.history(&session_id).await {
                     Ok(h) => h,
-                    Err(e) => {
-                        let _ = done.send(Err(TurnError::Store(e.to_string())));
-                        return;
-                    }
+                    Err(e) => return Some(Answer(done, Err(TurnError::Store(e.to_string())))),
                 };
                 let messages: Vec<Arc<Value>> = messages.into_iter().map(Arc::new).collect();
                 let input = turn_input(
@@ -456,7 +529,7 @@ impl Sessions {
                         run_id = %run_id,
                         "turn abandoned: its client went away"
                     );
-                    return;
+                    return None;
                 };
                 let result = match (result, &session_id) {
                     (Ok(reply), Some(sid)) => {
@@ -508,11 +581,12 @@ impl Sessions {
                         "turn failed: {e}"
                     ),
                 }
-                let _ = done.send(result);
+                Some(Answer(done, result))
             }
             TurnKind::Run { live, attempt } => {
                 self.execute_run(live, attempt, session_id, messages, model, params)
                     .await;
+                None
             }
         }
     }
@@ -812,3 +886,6 @@ fn obj(v: Value) -> Map<String, Value> {
         _ => Map::new(),
     }
 }
+
+#[cfg(test)]
+mod tests;
