@@ -332,3 +332,71 @@ fn routes_reload_on_sighup() {
     assert_eq!(github(hook, "second", "1", "{}").status, 202);
     assert_eq!(github(hook, "first", "2", "{}").status, 404);
 }
+
+/// Ended deliveries older than `[webhook] retention` are pruned with their runs (at start,
+/// then hourly); newer ones and open ones stay.
+#[test]
+fn ended_deliveries_older_than_the_retention_are_pruned_at_start() {
+    let setup = Setup::new("127.0.0.1:0", "");
+    let route = "[[webhook.routes]]\nname = \"gh\"\nscheme = \"github\"\nsecret = \"It's a Secret to Everybody\"\n";
+    let (mut gw, api, hook) = start(&setup, route);
+    for id in ["old", "new"] {
+        assert_eq!(github(hook, "gh", id, "{}").status, 202);
+    }
+    let end = std::time::Instant::now() + T;
+    let delivered = loop {
+        let l = request(api, "GET", "/v1/deliveries?state=delivered", &[], "")
+            .unwrap()
+            .json();
+        if l["data"].as_array().unwrap().len() == 2 {
+            break l;
+        }
+        assert!(std::time::Instant::now() < end, "{l}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let old = delivered["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["source_id"] == "old")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(gw.wait(T).success());
+    // Age one delivery past the default retention (7 days) while the gateway is stopped.
+    let db = rusqlite::Connection::open(setup.state.join("gateway.db")).unwrap();
+    let eight_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 8 * 24 * 3600 * 1000;
+    let run: String = db
+        .query_row(
+            "UPDATE deliveries SET updated_at = ?2, received_at = ?2 WHERE id = ?1 RETURNING run_id",
+            rusqlite::params![old, eight_days_ago],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(db);
+
+    let (gw, api, _hook) = start(&setup, route);
+    gw.wait_stderr("1 deliveries older than [webhook] retention pruned", T);
+    let l = request(api, "GET", "/v1/deliveries", &[], "")
+        .unwrap()
+        .json();
+    let left: Vec<&str> = l["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["source_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, ["new"], "{l}");
+    let r = request(api, "GET", &format!("/v1/runs/{run}"), &[], "").unwrap();
+    assert_eq!(
+        r.status, 404,
+        "the pruned delivery's run went with it: {}",
+        r.body
+    );
+}

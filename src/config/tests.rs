@@ -233,3 +233,20 @@ fn sizes_and_limits_are_checked() {
     let e = parse("[sessions]\nqueue = 3\n").unwrap_err().to_string();
     assert!(e.contains("queue_depth"), "expected keys are listed: {e}");
 }
+
+#[test]
+fn webhook_retention_defaults_to_a_week_and_may_not_be_shorter_than_the_dedup_window() {
+    let c = parse("").expect("valid");
+    assert_eq!(c.webhook.retention, Duration::from_secs(7 * 24 * 3600));
+    let c = parse("[webhook]\nretention = \"30d\"\n").expect("valid");
+    assert_eq!(c.webhook.retention, Duration::from_secs(30 * 24 * 3600));
+    let e = parse("[webhook]\ndedup_window = \"48h\"\nretention = \"24h\"\n")
+        .expect_err("retention shorter than the dedup window");
+    let text = e.to_string();
+    assert!(
+        text.contains("/etc/hermes-gateway/gateway.toml")
+            && text.contains("`webhook.retention`")
+            && text.contains("at least webhook.dedup_window (172800s)"),
+        "{text}"
+    );
+}

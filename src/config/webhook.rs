@@ -18,6 +18,7 @@ pub(super) struct FileWebhook {
     body_timeout: Option<HumanDuration>,
     replay_window: Option<HumanDuration>,
     dedup_window: Option<HumanDuration>,
+    retention: Option<HumanDuration>,
     max_attempts: Option<u32>,
     retry_initial: Option<HumanDuration>,
     retry_max: Option<HumanDuration>,
@@ -149,6 +150,8 @@ pub struct WebhookConfig {
     pub body_timeout: Duration,
     pub replay_window: Duration,
     pub dedup_window: Duration,
+    /// How long a delivered or failed delivery (and its run) stays in the store.
+    pub retention: Duration,
     pub max_attempts: u32,
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -160,6 +163,7 @@ pub struct WebhookConfig {
 pub const DEFAULT_WEBHOOK_MAX_BODY: u64 = 1024 * 1024;
 pub const DEFAULT_REPLAY_WINDOW: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(600);
@@ -175,6 +179,7 @@ impl Default for WebhookConfig {
             body_timeout: Duration::from_secs(30),
             replay_window: DEFAULT_REPLAY_WINDOW,
             dedup_window: DEFAULT_DEDUP_WINDOW,
+            retention: DEFAULT_RETENTION,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_initial: DEFAULT_RETRY_INITIAL,
             retry_max: DEFAULT_RETRY_MAX,
@@ -254,6 +259,17 @@ pub(super) fn webhook(f: FileWebhook, listen: &ListenAddr) -> Result<WebhookConf
         Some(n) => n as usize,
         None => d.delivery_concurrency,
     };
+    let dedup_window = f.dedup_window.map_or(d.dedup_window, |t| t.0);
+    let retention = f.retention.map_or(d.retention, |t| t.0);
+    if retention < dedup_window {
+        return Err((
+            "webhook.retention".into(),
+            format!(
+                "must be at least webhook.dedup_window ({}s): a repeated delivery is recognised by the deliveries kept",
+                dedup_window.as_secs()
+            ),
+        ));
+    }
     let mut routes: Vec<RouteConfig> = Vec::with_capacity(f.routes.len());
     for (i, r) in f.routes.into_iter().enumerate() {
         let key = format!("webhook.routes[{i}]");
@@ -401,7 +417,8 @@ pub(super) fn webhook(f: FileWebhook, listen: &ListenAddr) -> Result<WebhookConf
         max_body: f.max_body.map_or(d.max_body, |b| b.0),
         body_timeout: f.body_timeout.map_or(d.body_timeout, |t| t.0),
         replay_window: f.replay_window.map_or(d.replay_window, |t| t.0),
-        dedup_window: f.dedup_window.map_or(d.dedup_window, |t| t.0),
+        dedup_window,
+        retention,
         max_attempts,
         retry_initial: f.retry_initial.map_or(d.retry_initial, |t| t.0),
         retry_max: f.retry_max.map_or(d.retry_max, |t| t.0),

@@ -130,6 +130,7 @@ impl Gateway {
         if resumed > 0 {
             tracing::info!("{resumed} undelivered webhook deliveries resumed");
         }
+        ledger.spawn_pruner();
         let webhooks = webhooks::Webhooks::new(&config.webhook, table, ledger.clone());
         let api = api::ApiState::new(
             sessions.clone(),

@@ -182,6 +182,27 @@ pub fn reset_for_retry(conn: &Connection, id: &str, now: i64) -> rusqlite::Resul
     Ok(n == 1)
 }
 
+/// Deletes at most `limit` deliveries that ended (delivered or failed) before `before`,
+/// oldest first, with their runs (and, by cascade, the runs' events). Returns how many.
+/// Open deliveries are never pruned, whatever their age.
+pub fn prune(conn: &Connection, before: i64, limit: i64) -> rusqlite::Result<usize> {
+    const ENDED: &str = "SELECT id, run_id FROM deliveries
+         WHERE state IN ('delivered', 'failed') AND updated_at < ?1
+         ORDER BY updated_at, id LIMIT ?2";
+    // The events too, explicitly: a delete does not depend on the `foreign_keys` setting.
+    for sql in [
+        "DELETE FROM run_events WHERE run_id IN (SELECT run_id FROM ({ENDED}))",
+        "DELETE FROM runs WHERE id IN (SELECT run_id FROM ({ENDED}))",
+    ] {
+        conn.prepare_cached(&sql.replace("{ENDED}", ENDED))?
+            .execute(params![before, limit])?;
+    }
+    conn.prepare_cached(&format!(
+        "DELETE FROM deliveries WHERE id IN (SELECT id FROM ({ENDED}))"
+    ))?
+    .execute(params![before, limit])
+}
+
 pub fn count_by_state(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
     let mut st = conn.prepare_cached("SELECT state, count(*) FROM deliveries GROUP BY state")?;
     st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()

@@ -103,6 +103,11 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO turn_log_next (session_id, next)
         SELECT session_id, max(seq) + 1 FROM turn_log GROUP BY session_id;
     "#,
+    // 5: finished deliveries by age, for the pruning of those older than the retention.
+    r#"
+    CREATE INDEX deliveries_finished ON deliveries (updated_at)
+        WHERE state IN ('delivered', 'failed');
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -405,7 +405,8 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
         c.execute_batch(
-            "DROP TABLE turn_log_next;
+            "DROP INDEX deliveries_finished;
+             DROP TABLE turn_log_next;
              CREATE INDEX turn_log_session ON turn_log (session_id, seq);
              INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
                  VALUES ('old', 0, '{\"n\":0}', NULL, 1), ('old', 1, '{\"n\":1}', NULL, 2);
@@ -484,4 +485,100 @@ async fn a_delete_removes_folded_messages_even_without_foreign_key_checks() {
         .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
         .unwrap();
     assert_eq!(left, 0, "no orphaned messages");
+}
+
+/// A delivery in `state`, last updated at `updated_at`, with a finished run and an event.
+fn delivery_with_run(c: &Connection, id: &str, state: &str, updated_at: i64) {
+    let run_id = format!("run_{id}");
+    runs::insert(
+        c,
+        &runs::RunRow {
+            id: run_id.clone(),
+            session_id: None,
+            status: runs::RunStatus::Completed,
+            model: "m".into(),
+            input: "[]".into(),
+            output: Some("ok".into()),
+            error: None,
+            idempotency_key: None,
+            request: None,
+            attempt: 1,
+            created_at: updated_at,
+            started_at: Some(updated_at),
+            finished_at: Some(updated_at),
+        },
+    )
+    .unwrap();
+    let ev = runs::EventRow {
+        seq: 1,
+        kind: "run.completed".into(),
+        data: "{}".into(),
+    };
+    runs::append_event(c, &run_id, &ev, updated_at).unwrap();
+    deliveries::insert(
+        c,
+        &deliveries::DeliveryRow {
+            id: id.into(),
+            route: "r".into(),
+            source_id: id.into(),
+            event: "e".into(),
+            state: state.into(),
+            prompt: "p".into(),
+            session_id: None,
+            run_id,
+            target: r#"{"type":"log"}"#.into(),
+            result: None,
+            attempts: 1,
+            last_error: None,
+            next_attempt_at: None,
+            received_at: updated_at,
+            updated_at,
+        },
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn pruning_removes_ended_deliveries_older_than_the_cutoff_with_their_runs() {
+    let (_d, s) = open();
+    s.write(|c| {
+        delivery_with_run(c, "old-delivered", "delivered", 1_000);
+        delivery_with_run(c, "old-failed", "failed", 2_000);
+        delivery_with_run(c, "old-failed-2", "failed", 2_500);
+        delivery_with_run(c, "old-pending", "pending", 1_000);
+        delivery_with_run(c, "old-received", "received", 1_000);
+        delivery_with_run(c, "new-delivered", "delivered", 9_000);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    // Two per commit: the caller loops until a commit prunes fewer than asked.
+    let first = s.write(|c| deliveries::prune(c, 5_000, 2)).await.unwrap();
+    let second = s.write(|c| deliveries::prune(c, 5_000, 2)).await.unwrap();
+    assert_eq!((first, second), (2, 1));
+    let left = |sql: &'static str| {
+        s.read(move |c| {
+            let mut st = c.prepare(sql)?;
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+    };
+    assert_eq!(
+        left("SELECT id FROM deliveries ORDER BY id").await.unwrap(),
+        ["new-delivered", "old-pending", "old-received"]
+    );
+    assert_eq!(
+        left("SELECT id FROM runs ORDER BY id").await.unwrap(),
+        ["run_new-delivered", "run_old-pending", "run_old-received"]
+    );
+    assert_eq!(
+        left("SELECT DISTINCT run_id FROM run_events ORDER BY run_id")
+            .await
+            .unwrap(),
+        ["run_new-delivered", "run_old-pending", "run_old-received"]
+    );
+    assert_eq!(
+        s.write(|c| deliveries::prune(c, 5_000, 2)).await.unwrap(),
+        0
+    );
 }

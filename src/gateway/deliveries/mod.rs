@@ -28,6 +28,11 @@ use crate::store::{self, Store, StoreError};
 
 pub use target::Target;
 
+/// How often ended deliveries older than the retention are pruned.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Deliveries pruned per commit.
+const PRUNE_BATCH: i64 = 500;
+
 /// What a reload may change.
 #[derive(Clone)]
 struct Settings {
@@ -35,6 +40,8 @@ struct Settings {
     retry_initial: Duration,
     retry_max: Duration,
     target_timeout: Duration,
+    /// How long an ended delivery is kept (see [`DeliveryLedger::prune`]).
+    retention: Duration,
     model: String,
     /// Per route: the key that signs its http deliveries.
     signing: Arc<HashMap<String, Vec<u8>>>,
@@ -95,6 +102,7 @@ impl DeliveryLedger {
                     retry_initial: config.retry_initial,
                     retry_max: config.retry_max,
                     target_timeout: config.target_timeout,
+                    retention: config.retention,
                     model: model.to_owned(),
                     signing: Arc::new(signing),
                 }),
@@ -115,6 +123,7 @@ impl DeliveryLedger {
         s.retry_initial = config.retry_initial;
         s.retry_max = config.retry_max;
         s.target_timeout = config.target_timeout;
+        s.retention = config.retention;
         s.model = model.to_owned();
         s.signing = Arc::new(signing);
     }
@@ -183,6 +192,40 @@ impl DeliveryLedger {
             self.spawn(row);
         }
         Ok(n)
+    }
+
+    /// Deletes the deliveries that ended (delivered or failed) longer ago than the
+    /// retention, with their runs, a few hundred per commit so that other writes are not
+    /// held up; returns how many. Open deliveries stay whatever their age.
+    pub async fn prune(&self) -> Result<usize, StoreError> {
+        let before = store::now_ms() - self.settings().retention.as_millis() as i64;
+        let mut pruned = 0;
+        loop {
+            let n = self
+                .inner
+                .store
+                .write(move |c| rows::prune(c, before, PRUNE_BATCH))
+                .await?;
+            pruned += n;
+            if n < PRUNE_BATCH as usize {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    /// Prunes now, then every [`PRUNE_EVERY`], for as long as the runtime runs.
+    pub fn spawn_pruner(&self) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match this.prune().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("{n} deliveries older than [webhook] retention pruned"),
+                    Err(e) => tracing::warn!("pruning old deliveries failed: {e}"),
+                }
+                tokio::time::sleep(PRUNE_EVERY).await;
+            }
+        });
     }
 
     pub async fn list(
