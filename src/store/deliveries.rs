@@ -190,17 +190,20 @@ pub fn prune(conn: &Connection, before: i64, limit: i64) -> rusqlite::Result<usi
          WHERE state IN ('delivered', 'failed') AND updated_at < ?1
          ORDER BY updated_at, id LIMIT ?2";
     // The events too, explicitly: a delete does not depend on the `foreign_keys` setting.
-    for sql in [
-        "DELETE FROM run_events WHERE run_id IN (SELECT run_id FROM ({ENDED}))",
-        "DELETE FROM runs WHERE id IN (SELECT run_id FROM ({ENDED}))",
+    // The deliveries last: the statements before find the same ones through them.
+    let mut deleted = 0;
+    for (table, key, column) in [
+        ("run_events", "run_id", "run_id"),
+        ("runs", "id", "run_id"),
+        ("deliveries", "id", "id"),
     ] {
-        conn.prepare_cached(&sql.replace("{ENDED}", ENDED))?
+        deleted = conn
+            .prepare_cached(&format!(
+                "DELETE FROM {table} WHERE {key} IN (SELECT {column} FROM ({ENDED}))"
+            ))?
             .execute(params![before, limit])?;
     }
-    conn.prepare_cached(&format!(
-        "DELETE FROM deliveries WHERE id IN (SELECT id FROM ({ENDED}))"
-    ))?
-    .execute(params![before, limit])
+    Ok(deleted)
 }
 
 pub fn count_by_state(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {

@@ -130,8 +130,9 @@ struct Inner {
     recent: HistoryCache,
 }
 
-/// Ends a turn run by [`Sessions::run_here`]: the session goes idle, or its waiting turns
-/// go to a worker. On drop too, so that a caller dropped mid-turn strands no turn.
+/// Ends what holds a session outside a worker — a turn run by [`Sessions::run_here`], or a
+/// [`Sessions::delete`]: the session goes idle, or its waiting turns go to a worker. On drop
+/// too, so that a caller dropped midway strands no turn.
 struct Handover<'a> {
     sessions: &'a Sessions,
     key: Option<String>,
