@@ -40,9 +40,15 @@ pub enum Command {
     /// Install, remove or print the systemd units or the launchd property list.
     #[command(subcommand)]
     Service(ServiceCommand),
-    /// List webhook deliveries or retry one, over the control socket.
+    /// List webhook deliveries and chat replies, or retry one, over the control socket.
     #[command(subcommand)]
     Deliveries(DeliveriesCommand),
+    /// Chat users who asked to pair, approvals and revocations, over the control socket.
+    #[command(subcommand)]
+    Pairing(PairingCommand),
+    /// Talk to a chat platform's API with the configured credentials.
+    #[command(subcommand)]
+    Platforms(PlatformsCommand),
     /// Print the man page (roff) generated from these definitions.
     #[command(hide = true)]
     Man,
@@ -201,4 +207,69 @@ pub struct StatusArgs {
     /// Print the raw JSON, for scripts.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PairingCommand {
+    /// Users waiting with a pairing code, and users approved.
+    List(ControlArgs),
+    /// Let the user who was given CODE talk to the agent (they are told in their chat).
+    Approve(PairingApproveArgs),
+    /// Forget a user's approval or pairing request.
+    Revoke(PairingRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PairingApproveArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The code the user was given (as `pairing list` shows it).
+    pub code: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PairingRevokeArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The platform's user id.
+    pub user: String,
+    /// Only on this platform (`telegram`).
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Only on the platform instance of this name.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlatformsCommand {
+    /// Telegram: register or remove the webhook of a `[[platforms.telegram]]` instance.
+    #[command(subcommand)]
+    Telegram(TelegramCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TelegramCommand {
+    /// Call setWebhook with the instance's webhook_secret (pending updates are kept).
+    SetWebhook(SetWebhookArgs),
+    /// Call deleteWebhook (pending updates are kept), e.g. before switching to polling.
+    DeleteWebhook(TelegramNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TelegramNameArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The instance's `name`.
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SetWebhookArgs {
+    #[command(flatten)]
+    pub target: TelegramNameArgs,
+    /// The public https URL Telegram posts to; it reaches the webhook listener's
+    /// /platforms/telegram/NAME.
+    #[arg(long)]
+    pub url: String,
 }

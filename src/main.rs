@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use hermes_gateway::cli::{Cli, Command, DeliveriesCommand, ServiceCommand};
+use hermes_gateway::cli::{
+    Cli, Command, DeliveriesCommand, PairingCommand, PlatformsCommand, ServiceCommand,
+    TelegramCommand,
+};
 use hermes_gateway::lifecycle::{self, RunOptions, activation::ActivationEnv};
 use hermes_gateway::{commands, gateway};
 
@@ -39,6 +42,15 @@ fn main() -> ExitCode {
         Command::Service(ServiceCommand::Print(args)) => commands::service::print(&args),
         Command::Deliveries(DeliveriesCommand::List(args)) => commands::deliveries::list(&args),
         Command::Deliveries(DeliveriesCommand::Retry(args)) => commands::deliveries::retry(&args),
+        Command::Pairing(PairingCommand::List(args)) => commands::pairing::list(&args),
+        Command::Pairing(PairingCommand::Approve(args)) => commands::pairing::approve(&args),
+        Command::Pairing(PairingCommand::Revoke(args)) => commands::pairing::revoke(&args),
+        Command::Platforms(PlatformsCommand::Telegram(TelegramCommand::SetWebhook(args))) => {
+            commands::platforms::set_webhook(&args)
+        }
+        Command::Platforms(PlatformsCommand::Telegram(TelegramCommand::DeleteWebhook(args))) => {
+            commands::platforms::delete_webhook(&args)
+        }
         Command::Man => commands::man::print(),
     };
     status.into()

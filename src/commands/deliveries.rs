@@ -9,7 +9,11 @@ use super::control_client;
 
 /// Sends `METHOD path` to the gateway; prints the problem and returns the exit status on
 /// failure.
-fn call(args: &ControlArgs, method: &str, path: &str) -> Result<(u16, String), ExitStatus> {
+pub(crate) fn call(
+    args: &ControlArgs,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), ExitStatus> {
     let configured =
         control_client::configured_socket(args.config.config.as_deref()).map_err(|e| {
             eprintln!("hermes-gateway: {e}");
@@ -26,7 +30,7 @@ fn call(args: &ControlArgs, method: &str, path: &str) -> Result<(u16, String), E
     })
 }
 
-fn error_message(body: &str) -> String {
+pub(crate) fn error_message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))

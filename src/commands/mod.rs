@@ -5,5 +5,7 @@ pub mod control_client;
 pub mod deliveries;
 pub mod man;
 pub mod manage;
+pub mod pairing;
+pub mod platforms;
 pub mod service;
 pub mod status;

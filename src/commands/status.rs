@@ -77,6 +77,26 @@ fn render(v: &serde_json::Value) -> String {
             ));
         }
     }
+    if let Some(ps) = v["platforms"].as_array().filter(|p| !p.is_empty()) {
+        out.push_str("  platforms:\n");
+        for p in ps {
+            let backlog = match p["backlog"].as_i64() {
+                Some(n) => format!("{n} waiting"),
+                None => "backlog unknown".into(),
+            };
+            out.push_str(&format!(
+                "    {}:{:<12} {} ({}), {backlog}",
+                p["platform"].as_str().unwrap_or("?"),
+                p["name"].as_str().unwrap_or("?"),
+                p["state"].as_str().unwrap_or("?"),
+                p["mode"].as_str().unwrap_or("?"),
+            ));
+            if let Some(e) = p["last_error"].as_str() {
+                out.push_str(&format!("; last error: {e}"));
+            }
+            out.push('\n');
+        }
+    }
     if let Some(r) = v["last_reload"].as_object() {
         match r.get("error").and_then(|e| e.as_str()) {
             Some(e) => out.push_str(&format!("  last reload FAILED: {e}\n")),

@@ -5,6 +5,7 @@
 
 mod duration;
 mod paths;
+mod platforms;
 mod sections;
 mod webhook;
 
@@ -17,6 +18,10 @@ use serde::Deserialize;
 
 pub use duration::HumanDuration;
 pub use paths::{default_control_path, default_state_dir};
+pub use platforms::{
+    AccessConfig, GroupSessions, PlatformsConfig, TelegramConfig, TelegramMode,
+    looks_like_bot_token,
+};
 pub use sections::{
     AgentBackend, AgentConfig, ApiConfig, ByteSize, KeySource, OpenAiConfig, Secret, SessionsConfig,
 };
@@ -96,6 +101,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub sessions: SessionsConfig,
     pub webhook: WebhookConfig,
+    pub platforms: PlatformsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +182,8 @@ struct FileConfig {
     sessions: sections::FileSessions,
     #[serde(default)]
     webhook: webhook::FileWebhook,
+    #[serde(default)]
+    platforms: platforms::FilePlatforms,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -335,6 +343,7 @@ impl Config {
             .map_or_else(|| default(DEFAULT_WEBHOOK), Ok)?;
         let webhook =
             webhook::webhook(f.webhook, &webhook_listen).map_err(|(k, m)| invalid(&k, m))?;
+        let platforms = platforms::platforms(f.platforms).map_err(|(k, m)| invalid(&k, m))?;
         Ok(Config {
             source: path.map(Path::to_path_buf),
             listen: Listen {
@@ -358,6 +367,7 @@ impl Config {
             api,
             sessions,
             webhook,
+            platforms,
         })
     }
 

@@ -190,40 +190,50 @@ impl Default for WebhookConfig {
     }
 }
 
-fn secret_source(
+/// A secret given as `FIELD`, `FIELD_file` or `FIELD_credential` (one of them at most).
+pub(super) fn secret_source(
     prefix: &str,
+    field: &str,
     inline: Option<Secret>,
     file: Option<PathBuf>,
     credential: Option<String>,
 ) -> Result<Option<SecretSource>, SectionError> {
     let mut found = Vec::new();
     if let Some(s) = inline {
-        found.push(("secret", SecretSource::Inline(s)));
+        found.push((field.to_owned(), SecretSource::Inline(s)));
     }
     if let Some(f) = file {
-        found.push(("secret_file", SecretSource::From(KeySource::File(f))));
+        found.push((
+            format!("{field}_file"),
+            SecretSource::From(KeySource::File(f)),
+        ));
     }
     if let Some(c) = credential {
         found.push((
-            "secret_credential",
+            format!("{field}_credential"),
             SecretSource::From(KeySource::Credential(c)),
         ));
     }
     if found.len() > 1 {
-        let names: Vec<&str> = found.iter().map(|(k, _)| *k).collect();
+        let names: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
         return Err((
             format!("{prefix}.{}", names[1]),
             format!(
-                "give the secret in one way only: {} are all set",
+                "give the {field} in one way only: {} are all set",
                 names.join(", ")
             ),
         ));
+    }
+    if let Some((k, SecretSource::Inline(s))) = found.last()
+        && s.expose().is_empty()
+    {
+        return Err((format!("{prefix}.{k}"), "must not be empty".into()));
     }
     Ok(found.pop().map(|(_, s)| s))
 }
 
 /// `"100/s"`, `"600/min"`, `"5000/h"`.
-fn rate(s: &str) -> Option<(u32, Duration)> {
+pub(super) fn rate(s: &str) -> Option<(u32, Duration)> {
     let (n, unit) = s.trim().split_once('/')?;
     let n: u32 = n.trim().parse().ok().filter(|n| *n > 0)?;
     let per = match unit.trim() {
@@ -235,7 +245,7 @@ fn rate(s: &str) -> Option<(u32, Duration)> {
     Some((n, per))
 }
 
-fn valid_route_name(n: &str) -> bool {
+pub(super) fn valid_route_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.bytes()
@@ -288,12 +298,7 @@ pub(super) fn webhook(f: FileWebhook, listen: &ListenAddr) -> Result<WebhookConf
                 format!("route `{}` is defined twice", r.name),
             ));
         }
-        let secret = secret_source(&key, r.secret, r.secret_file, r.secret_credential)?;
-        if let Some(SecretSource::Inline(s)) = &secret
-            && s.expose().is_empty()
-        {
-            return Err((format!("{key}.secret"), "must not be empty".into()));
-        }
+        let secret = secret_source(&key, "secret", r.secret, r.secret_file, r.secret_credential)?;
         if secret.is_none() {
             if !r.insecure {
                 return Err((
@@ -376,6 +381,7 @@ pub(super) fn webhook(f: FileWebhook, listen: &ListenAddr) -> Result<WebhookConf
                         url,
                         secret: secret_source(
                             &format!("{key}.target"),
+                            "secret",
                             t.secret,
                             t.secret_file,
                             t.secret_credential,

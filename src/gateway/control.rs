@@ -1,20 +1,99 @@
 //! The control socket: local administration over HTTP on a Unix socket.
 //! `curl --unix-socket /run/hermes-gateway/control.sock http://localhost/status`
 
-use axum::Json;
-use axum::Router;
-use axum::extract::State;
-use axum::routing::get;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
 
-use crate::lifecycle::{LifecycleHandle, StatusReport};
+use super::error::ApiError;
+use super::platforms::Platforms;
+use crate::lifecycle::LifecycleHandle;
 
-pub fn router(lifecycle: LifecycleHandle) -> Router {
+#[derive(Clone)]
+struct Control {
+    lifecycle: LifecycleHandle,
+    platforms: Platforms,
+}
+
+pub fn router(lifecycle: LifecycleHandle, platforms: Platforms) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/health", get(status))
-        .with_state(lifecycle)
+        .route("/pairing", get(pairing_list))
+        .route("/pairing/{code}/approve", post(approve))
+        .route("/pairing/revoke/{user}", post(revoke))
+        .with_state(Control {
+            lifecycle,
+            platforms,
+        })
 }
 
-async fn status(State(l): State<LifecycleHandle>) -> Json<StatusReport> {
-    Json(l.report())
+/// The lifecycle's report, with each chat platform's state.
+async fn status(State(c): State<Control>) -> Response {
+    let mut v = serde_json::to_value(c.lifecycle.report()).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.insert("platforms".into(), c.platforms.status().await.into());
+    }
+    Json(v).into_response()
+}
+
+async fn pairing_list(State(c): State<Control>) -> Result<Response, ApiError> {
+    let users = c
+        .platforms
+        .pairing_list()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({"object": "list", "data": users})).into_response())
+}
+
+async fn approve(State(c): State<Control>, Path(code): Path<String>) -> Result<Response, ApiError> {
+    match c
+        .platforms
+        .approve(&code)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+    {
+        Some(u) => Ok(Json(u).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "no pairing request has the code `{}` (see `hermes-gateway pairing list`)",
+                code.escape_default()
+            ),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RevokeQuery {
+    platform: Option<String>,
+    name: Option<String>,
+}
+
+async fn revoke(
+    State(c): State<Control>,
+    Path(user): Path<String>,
+    Query(q): Query<RevokeQuery>,
+) -> Result<Response, ApiError> {
+    let removed = c
+        .platforms
+        .revoke(&user, q.platform, q.name)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if removed.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "user `{}` is neither approved nor waiting to pair",
+                user.escape_default()
+            ),
+        ));
+    }
+    Ok(Json(json!({"object": "list", "data": removed})).into_response())
 }

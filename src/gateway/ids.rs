@@ -39,8 +39,37 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{:010x}{:014x}", ms & 0xff_ffff_ffff, next() >> 8)
 }
 
+/// A one-time code of `len` characters an operator can read out and type: no 0/O, 1/I/L.
+pub fn code(len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHJKMNPQRSTUVWXYZ23456789";
+    let mut out = String::with_capacity(len);
+    let mut bits = next();
+    for i in 0..len {
+        if i % 10 == 9 {
+            bits = next();
+        }
+        out.push(char::from(
+            ALPHABET[(bits % ALPHABET.len() as u64) as usize],
+        ));
+        bits /= ALPHABET.len() as u64;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn codes_are_readable_and_differ() {
+        let a = super::code(8);
+        assert_eq!(a.len(), 8);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        );
+        assert!(!a.contains(['0', 'O', '1', 'I', 'L']));
+        assert_ne!(a, super::code(8));
+    }
+
     #[test]
     fn ids_are_distinct_and_shaped() {
         let a = super::new_id("run_");

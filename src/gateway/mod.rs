@@ -5,6 +5,10 @@
 //! per-session queue and the concurrency limit) → `agents` (the backend) → `store`.
 //! A webhook crosses: `webhooks` (route, signature, template) → `deliveries` (the ledger:
 //! stored before the 202, then a run through `sessions`, then its result to the target).
+//! A chat message crosses: `platforms/telegram` (update → message) → `platforms` (access,
+//! commands, limits; the message, its run and its reply's delivery stored in one commit)
+//! → `sessions` (the chat's turns in order) → `deliveries` (the reply, through the
+//! platform's outbox).
 
 pub mod agents;
 mod api;
@@ -14,7 +18,9 @@ pub mod deliveries;
 mod error;
 mod health;
 pub mod http_client;
-mod ids;
+pub mod ids;
+pub mod platforms;
+pub mod rate;
 pub mod sessions;
 pub mod webhooks;
 
@@ -35,6 +41,7 @@ pub struct Gateway {
     sessions: sessions::Sessions,
     webhooks: webhooks::Shared,
     ledger: deliveries::DeliveryLedger,
+    platforms: platforms::Platforms,
 }
 
 /// A route without a secret is only allowed where the webhook listener is loopback (or a
@@ -126,11 +133,23 @@ impl Gateway {
             &config.agent.model,
             signing,
         );
+        // Platforms register their outboxes before the ledger resumes their replies.
+        let platforms = tokio::task::block_in_place(|| {
+            platforms::Platforms::new(
+                config,
+                sessions.store().clone(),
+                sessions.clone(),
+                ledger.clone(),
+                lifecycle.clone(),
+            )
+        })
+        .map_err(ConfigurationError)?;
         let resumed = tokio::task::block_in_place(|| ledger.resume_blocking())?;
         if resumed > 0 {
-            tracing::info!("{resumed} undelivered webhook deliveries resumed");
+            tracing::info!("{resumed} undelivered webhook deliveries and chat replies resumed");
         }
         ledger.spawn_pruner();
+        platforms.start();
         let webhooks = webhooks::Webhooks::new(&config.webhook, table, ledger.clone());
         let api = api::ApiState::new(
             sessions.clone(),
@@ -145,6 +164,7 @@ impl Gateway {
             sessions,
             webhooks,
             ledger,
+            platforms,
         })
     }
 }
@@ -159,14 +179,16 @@ impl Drop for Gateway {
 impl Service for Gateway {
     fn router(&self, name: &str) -> Router {
         match name {
-            "control" => control::router(self.lifecycle.clone())
+            "control" => control::router(self.lifecycle.clone(), self.platforms.clone())
                 .merge(deliveries::api::router(self.ledger.clone(), "")),
             "api" => health::router().merge(api::router(self.api.clone())).merge(
                 deliveries::api::router(self.ledger.clone(), "/v1").route_layer(
                     axum::middleware::from_fn_with_state(self.api.clone(), api::authenticate),
                 ),
             ),
-            "webhook" => health::router().merge(webhooks::router(self.webhooks.clone())),
+            "webhook" => health::router()
+                .merge(webhooks::router(self.webhooks.clone()))
+                .merge(platforms::router(self.platforms.clone())),
             _ => health::router(),
         }
         .fallback(error::not_found)
@@ -199,6 +221,7 @@ impl Service for Gateway {
             }
             Err(e) => tracing::error!("reload: {e}; the previous webhook routes stay in force"),
         }
+        self.platforms.update(config);
         if &config.sessions != self.sessions.limits() {
             tracing::warn!("[sessions] changed: this takes a restart (SIGUSR1)");
         }

@@ -66,3 +66,10 @@ pub fn block_for_exec() {
 pub fn unblock() {
     let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled()), None);
 }
+
+/// SIGUSR1 to this process: the restart a chat's `/restart` asks for goes exactly the way
+/// of `kill -USR1`.
+pub fn raise_restart() -> std::io::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::this(), NixSignal::SIGUSR1)
+        .map_err(std::io::Error::from)
+}

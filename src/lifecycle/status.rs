@@ -159,6 +159,17 @@ impl LifecycleHandle {
         self.0.shutdown.clone()
     }
 
+    /// Asks for a graceful restart, exactly as SIGUSR1 does (it sends SIGUSR1 to this
+    /// process): exit 75 for a service manager to relaunch, or a re-exec in place.
+    pub fn request_restart(&self) -> std::io::Result<()> {
+        super::signals::raise_restart()
+    }
+
+    /// Seconds since this image started.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.0.started.elapsed()
+    }
+
     pub fn listeners(&self) -> &[ListenerInfo] {
         &self.0.listeners
     }

@@ -28,10 +28,12 @@ pub struct DeliveryRow {
     pub next_attempt_at: Option<i64>,
     pub received_at: i64,
     pub updated_at: i64,
+    /// Chat replies: how many parts of a long reply the platform confirmed.
+    pub progress: i64,
 }
 
 const COLUMNS: &str = "id, route, source_id, event, state, prompt, session_id, run_id, target, \
-     result, attempts, last_error, next_attempt_at, received_at, updated_at";
+     result, attempts, last_error, next_attempt_at, received_at, updated_at, progress";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     Ok(DeliveryRow {
@@ -50,6 +52,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
         next_attempt_at: r.get(12)?,
         received_at: r.get(13)?,
         updated_at: r.get(14)?,
+        progress: r.get(15)?,
     })
 }
 
@@ -71,8 +74,8 @@ pub fn find_recent(
 pub fn insert(conn: &Connection, d: &DeliveryRow) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO deliveries (id, route, source_id, event, state, prompt, session_id, run_id,
-         target, result, attempts, last_error, next_attempt_at, received_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+         target, result, attempts, last_error, next_attempt_at, received_at, updated_at, progress)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         d.id,
@@ -89,7 +92,8 @@ pub fn insert(conn: &Connection, d: &DeliveryRow) -> rusqlite::Result<()> {
         d.last_error,
         d.next_attempt_at,
         d.received_at,
-        d.updated_at
+        d.updated_at,
+        d.progress
     ])?;
     Ok(())
 }
@@ -100,11 +104,13 @@ pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<DeliveryRow>>
         .optional()
 }
 
-/// Deliveries not yet delivered or failed, oldest first: the work to resume at start.
+/// Deliveries not yet delivered or failed, in the order they were stored (the rowid grows
+/// with each insert): the work to resume at start, so that one chat's replies keep their
+/// order.
 pub fn open(conn: &Connection) -> rusqlite::Result<Vec<DeliveryRow>> {
     let mut st = conn.prepare(&format!(
         "SELECT {COLUMNS} FROM deliveries WHERE state NOT IN ('delivered', 'failed')
-         ORDER BY received_at, id"
+         ORDER BY rowid"
     ))?;
     st.query_map([], row)?.collect()
 }
@@ -143,6 +149,21 @@ pub fn set_attempting(
     )?
     .execute(params![id, attempts, now])?;
     Ok(())
+}
+
+/// A chat reply: its parts up to `parts` were confirmed by the platform.
+pub fn set_progress(conn: &Connection, id: &str, parts: i64, now: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE deliveries SET progress = ?2, updated_at = ?3 WHERE id = ?1")?
+        .execute(params![id, parts, now])?;
+    Ok(())
+}
+
+/// Open deliveries of one route (a platform's backlog).
+pub fn count_open(conn: &Connection, route: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "SELECT count(*) FROM deliveries WHERE state NOT IN ('delivered', 'failed') AND route = ?1",
+    )?
+    .query_row([route], |r| r.get(0))
 }
 
 pub fn set_delivered(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {

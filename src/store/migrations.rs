@@ -108,6 +108,43 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX deliveries_finished ON deliveries (updated_at)
         WHERE state IN ('delivered', 'failed');
     "#,
+    // 6: chat platforms. A chat reply is a delivery that remembers how many parts of a long
+    // reply the platform confirmed (`progress`); a polling platform's next offset; a chat's
+    // session after `/new`; users who asked to pair, or were approved; and the restart
+    // notices owed to the chats that asked for a restart.
+    r#"
+    ALTER TABLE deliveries ADD COLUMN progress INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE platform_offsets (
+        platform     TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        next_offset  INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        PRIMARY KEY (platform, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE platform_chats (
+        chat_key    TEXT PRIMARY KEY,
+        session_id  TEXT NOT NULL,
+        updated_at  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE platform_users (
+        platform    TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        user_id     TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        code        TEXT,
+        display     TEXT NOT NULL,
+        chat        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        PRIMARY KEY (platform, name, user_id)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX platform_users_code ON platform_users (code) WHERE code IS NOT NULL;
+    CREATE TABLE platform_restarts (
+        id            TEXT PRIMARY KEY,
+        target        TEXT NOT NULL,
+        requested_at  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this binary writes.

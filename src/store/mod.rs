@@ -16,6 +16,7 @@
 
 pub mod deliveries;
 mod migrations;
+pub mod platforms;
 pub mod runs;
 pub mod sessions;
 
@@ -205,10 +206,38 @@ impl Store {
         self.write_job(false, f).await
     }
 
+    /// [`Store::write`], then `on_commit` with `f`'s value once the commit is on disk — in
+    /// commit order: the `on_commit`s of two writes run in the order their writes
+    /// committed, one after the other, on one task of the runtime that opened the store.
+    /// What must follow a commit in its order (turns queued for their sessions in the order
+    /// their messages were stored) goes there; it must be quick and must not block.
+    /// Resolves with `on_commit`'s value.
+    pub async fn write_then<T, U, F, C>(&self, f: F, on_commit: C) -> Result<U, StoreError>
+    where
+        T: Send + 'static,
+        U: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        C: FnOnce(T) -> U + Send + 'static,
+    {
+        self.submit(true, f, on_commit).await
+    }
+
     async fn write_job<T, F>(&self, guarded: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.submit(guarded, f, |v| v).await
+    }
+
+    /// Queues a job; its completion (on the answering task, in commit order) runs
+    /// `on_commit` when the commit succeeded and sends the result to the caller.
+    async fn submit<T, U, F, C>(&self, guarded: bool, f: F, on_commit: C) -> Result<U, StoreError>
+    where
+        T: Send + 'static,
+        U: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        C: FnOnce(T) -> U + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let job = Job {
@@ -217,7 +246,7 @@ impl Store {
                 Ok(v) => (
                     true,
                     Box::new(move |committed: Result<(), StoreError>| {
-                        let _ = tx.send(committed.map(|()| v));
+                        let _ = tx.send(committed.map(|()| on_commit(v)));
                     }),
                 ),
                 Err(e) => (

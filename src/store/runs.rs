@@ -120,10 +120,12 @@ pub fn by_idempotency_key(conn: &Connection, key: &str) -> rusqlite::Result<Opti
     .optional()
 }
 
-/// Runs that were queued or running, oldest first: the work to resume at start.
+/// Runs that were queued or running, in the order they were stored (the rowid grows with
+/// each insert; a timestamp would tie within a millisecond and then sort by random id):
+/// the work to resume at start, so that a session's turns resume in their order.
 pub fn unfinished(conn: &Connection) -> rusqlite::Result<Vec<RunRow>> {
     let mut st = conn.prepare(&format!(
-        "SELECT {COLUMNS} FROM runs WHERE status IN ('queued', 'running') ORDER BY created_at, id"
+        "SELECT {COLUMNS} FROM runs WHERE status IN ('queued', 'running') ORDER BY rowid"
     ))?;
     st.query_map([], row)?.collect()
 }

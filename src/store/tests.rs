@@ -405,7 +405,12 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
         c.execute_batch(
-            "DROP INDEX deliveries_finished;
+            "ALTER TABLE deliveries DROP COLUMN progress;
+             DROP TABLE platform_offsets;
+             DROP TABLE platform_chats;
+             DROP TABLE platform_users;
+             DROP TABLE platform_restarts;
+             DROP INDEX deliveries_finished;
              DROP TABLE turn_log_next;
              CREATE INDEX turn_log_session ON turn_log (session_id, seq);
              INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
@@ -533,6 +538,7 @@ fn delivery_with_run(c: &Connection, id: &str, state: &str, updated_at: i64) {
             next_attempt_at: None,
             received_at: updated_at,
             updated_at,
+            progress: 0,
         },
     )
     .unwrap();

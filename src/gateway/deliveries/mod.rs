@@ -8,10 +8,13 @@
 //! left. At start every entry not delivered or failed gets its task again.
 
 pub mod api;
+pub mod chat;
 mod target;
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -26,6 +29,7 @@ use crate::store::deliveries::{self as rows, DeliveryRow};
 use crate::store::runs::{self, RunRow, RunStatus};
 use crate::store::{self, Store, StoreError};
 
+pub use chat::{ChatDelivery, ChatOutbox, ChatTarget, SendError};
 pub use target::Target;
 
 /// How often ended deliveries older than the retention are pruned.
@@ -83,6 +87,17 @@ struct Inner {
     /// Deliveries with a task, and the bell that makes it attempt now.
     active: Mutex<HashMap<String, Arc<Notify>>>,
     client: target::Client,
+    /// Per platform instance (`telegram:main`): what sends its replies.
+    outboxes: RwLock<HashMap<String, Arc<dyn ChatOutbox>>>,
+    /// Per chat: the ordered replies with a task, in the order they were stored.
+    lanes: Mutex<HashMap<String, Lane>>,
+}
+
+/// One chat's ordered replies: each is sent once those before it ended.
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<String>,
+    changed: Arc<Notify>,
 }
 
 impl DeliveryLedger {
@@ -109,6 +124,8 @@ impl DeliveryLedger {
                 permits: Arc::new(Semaphore::new(config.delivery_concurrency)),
                 active: Mutex::new(HashMap::new()),
                 client: target::client(),
+                outboxes: RwLock::new(HashMap::new()),
+                lanes: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -160,6 +177,7 @@ impl DeliveryLedger {
             next_attempt_at: None,
             received_at: now,
             updated_at: now,
+            progress: 0,
         };
         let since = d.dedup_since_ms;
         let stored = row.clone();
@@ -288,7 +306,10 @@ impl DeliveryLedger {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn spawn(&self, row: DeliveryRow) {
+    /// Starts a delivery's task, unless it has one. A chat reply that keeps its chat's
+    /// order takes its place in the chat's lane now: call in the order the chat's messages
+    /// were stored (the ledger's resume does, and a platform from its commit hook).
+    pub fn spawn(&self, row: DeliveryRow) {
         let bell = Arc::new(Notify::new());
         {
             let mut active = self.active();
@@ -297,16 +318,28 @@ impl DeliveryLedger {
             }
             active.insert(row.id.clone(), bell.clone());
         }
+        let lane = match Target::from_json(&row.target) {
+            Target::Chat(c) if c.ordered => Some(c.lane()),
+            _ => None,
+        };
+        if let Some(l) = &lane {
+            self.join_lane(l, &row.id);
+        }
         let this = self.clone();
         tokio::spawn(async move {
             let id = row.id.clone();
             this.drive(row, bell).await;
             this.active().remove(&id);
+            if let Some(l) = &lane {
+                this.leave_lane(l, &id);
+            }
         });
     }
 
     /// One delivery, from its turn to its last attempt.
     async fn drive(&self, mut row: DeliveryRow, bell: Arc<Notify>) {
+        // Resumed in the middle of an attempt: the gateway stopped while it was sending.
+        let cut_short = row.state == "attempting";
         if row.state == "received" {
             let outcome = match self.turn(&row).await {
                 Ok(v) => v,
@@ -339,6 +372,31 @@ impl DeliveryLedger {
             .as_deref()
             .and_then(|r| serde_json::from_str(r).ok())
             .unwrap_or(Value::Null);
+        // What a chat is sent: a cancelled turn sends nothing (its `/stop` answered).
+        let chat = match &target {
+            Target::Chat(c) => match chat::reply_text(&result) {
+                Some(text) => Some((c, text)),
+                None => {
+                    let id = row.id.clone();
+                    let now = store::now_ms();
+                    self.inner
+                        .store
+                        .write_detached("delivery done", move |c| rows::set_delivered(c, &id, now));
+                    tracing::info!(platform = %c.platform, chat_id = %c.chat_id, delivery_id = %row.id,
+                        run_id = %row.run_id, "turn cancelled: no reply to send");
+                    return;
+                }
+            },
+            _ => None,
+        };
+        if let Some((c, _)) = &chat
+            && c.ordered
+        {
+            self.lane_turn(&c.lane(), &row.id).await;
+        }
+        // A reply that a restart cut short mid-send: the part in flight may have been shown.
+        let resent_part = (cut_short && chat.is_some()).then_some(row.progress);
+        let progress = Arc::new(AtomicI64::new(row.progress.max(0)));
         let mut attempts = row.attempts.max(0);
         let mut next = row.next_attempt_at.unwrap_or(0);
         loop {
@@ -363,48 +421,185 @@ impl DeliveryLedger {
                         rows::set_attempting(c, &id, n, store::now_ms())
                     });
             }
-            let key = s.signing.get(&row.route).map(Vec::as_slice);
-            let sent = target
-                .send(&self.inner.client, &row, &result, key, s.target_timeout)
-                .await;
+            let sent = match &chat {
+                Some((c, text)) => self.send_chat(&row, c, text, &progress, resent_part).await,
+                None => {
+                    let key = s.signing.get(&row.route).map(Vec::as_slice);
+                    target
+                        .send(&self.inner.client, &row, &result, key, s.target_timeout)
+                        .await
+                        .map_err(SendError::Transient)
+                }
+            };
             let now = store::now_ms();
-            match sent {
+            let e = match sent {
                 Ok(()) => {
                     let id = row.id.clone();
                     self.inner
                         .store
                         .write_detached("delivery done", move |c| rows::set_delivered(c, &id, now));
-                    tracing::info!(route = %row.route, delivery_id = %row.id,
-                        "delivered to {} (attempt {attempts})", target.describe());
+                    match &chat {
+                        Some((c, _)) => {
+                            tracing::info!(platform = %c.platform, chat_id = %c.chat_id,
+                            delivery_id = %row.id, run_id = %row.run_id,
+                            session_key = row.session_id.as_deref().unwrap_or(""),
+                            "reply delivered to {} (attempt {attempts})", target.describe())
+                        }
+                        None => tracing::info!(route = %row.route, delivery_id = %row.id,
+                            "delivered to {} (attempt {attempts})", target.describe()),
+                    }
                     return;
                 }
-                Err(e) => {
-                    let left = attempts < i64::from(s.max_attempts);
-                    next = if left {
-                        now + backoff(attempts, s.retry_initial, s.retry_max).as_millis() as i64
-                    } else {
-                        0
-                    };
-                    let id = row.id.clone();
-                    let err = e.clone();
-                    let n = left.then_some(next);
-                    let _ = self
-                        .inner
-                        .store
-                        .write(move |c| rows::set_failed_attempt(c, &id, &err, n, now))
-                        .await;
-                    if left {
-                        tracing::warn!(route = %row.route, delivery_id = %row.id,
-                            "attempt {attempts} to {} failed: {e}; next in {}ms",
-                            target.describe(), next - now);
-                    } else {
-                        tracing::error!(route = %row.route, delivery_id = %row.id,
-                            "delivery failed after {attempts} attempts to {}: {e}", target.describe());
-                        return;
-                    }
+                Err(e) => e,
+            };
+            let (left, wait) = match &e {
+                // The platform said how long to wait: that is not a failed attempt.
+                SendError::RetryAfter(d, _) => {
+                    attempts -= 1;
+                    (true, *d)
                 }
+                SendError::Transient(_) => (
+                    attempts < i64::from(s.max_attempts),
+                    backoff(attempts, s.retry_initial, s.retry_max),
+                ),
+                SendError::Permanent(_) => (false, Duration::ZERO),
+            };
+            next = if left {
+                now + wait.as_millis() as i64
+            } else {
+                0
+            };
+            let id = row.id.clone();
+            let err = e.message().to_owned();
+            let n = left.then_some(next);
+            let _ = self
+                .inner
+                .store
+                .write(move |c| rows::set_failed_attempt(c, &id, &err, n, now))
+                .await;
+            let (platform, chat_id) = chat
+                .as_ref()
+                .map_or(("", ""), |(c, _)| (c.platform.as_str(), c.chat_id.as_str()));
+            if left {
+                tracing::warn!(route = %row.route, delivery_id = %row.id, platform, chat_id,
+                    "attempt {attempts} to {} failed: {}; next in {}ms",
+                    target.describe(), e.message(), next - now);
+            } else {
+                tracing::error!(route = %row.route, delivery_id = %row.id, platform, chat_id,
+                    "delivery failed after {attempts} attempts to {}: {}", target.describe(), e.message());
+                return;
             }
         }
+    }
+
+    /// One attempt at a chat reply, through its platform's outbox; each part the platform
+    /// confirms is recorded (`progress`), so that a later attempt, even after a restart,
+    /// goes on from the next part.
+    async fn send_chat(
+        &self,
+        row: &DeliveryRow,
+        c: &ChatTarget,
+        text: &str,
+        progress: &Arc<AtomicI64>,
+        resent_part: Option<i64>,
+    ) -> Result<(), SendError> {
+        let instance = c.instance();
+        let Some(outbox) = self.outbox(&instance) else {
+            return Err(SendError::Transient(format!(
+                "platform {instance} is not configured (is [[platforms.{}]] `{}` still in the configuration?)",
+                c.platform, c.name
+            )));
+        };
+        let from = progress.load(Ordering::Relaxed);
+        let (store, id, seen) = (self.inner.store.clone(), row.id.clone(), progress.clone());
+        let on_part = move |n: usize| {
+            let n = n as i64;
+            seen.store(n, Ordering::Relaxed);
+            let id = id.clone();
+            store.write_detached("reply progress", move |c| {
+                rows::set_progress(c, &id, n, store::now_ms())
+            });
+        };
+        outbox
+            .deliver(ChatDelivery {
+                target: c,
+                delivery_id: &row.id,
+                text,
+                from_part: from as usize,
+                resent: resent_part == Some(from),
+                on_part: &on_part,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Registers the outbox that sends the replies of platform instance `instance`
+    /// (`telegram:main`).
+    pub fn register_outbox(&self, instance: String, outbox: Arc<dyn ChatOutbox>) {
+        self.inner
+            .outboxes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(instance, outbox);
+    }
+
+    fn outbox(&self, instance: &str) -> Option<Arc<dyn ChatOutbox>> {
+        self.inner
+            .outboxes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(instance)
+            .cloned()
+    }
+
+    /// Takes a place at the back of `lane` (synchronously, so that places follow the order
+    /// of the calls: the order in which the chat's messages were stored).
+    fn join_lane(&self, lane: &str, id: &str) {
+        self.lanes()
+            .entry(lane.to_owned())
+            .or_default()
+            .queue
+            .push_back(id.to_owned());
+    }
+
+    /// Waits until `id` is first in `lane`: every reply before it was delivered or failed.
+    async fn lane_turn(&self, lane: &str, id: &str) {
+        loop {
+            let changed = match self.lanes().get(lane) {
+                Some(l) if l.queue.front().is_some_and(|f| f != id) => l.changed.clone(),
+                _ => return,
+            };
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Checked again once registered: a leave in between is not missed.
+            if self
+                .lanes()
+                .get(lane)
+                .is_none_or(|l| l.queue.front().is_none_or(|f| f == id))
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn leave_lane(&self, lane: &str, id: &str) {
+        let mut lanes = self.lanes();
+        if let Some(l) = lanes.get_mut(lane) {
+            l.queue.retain(|x| x != id);
+            l.changed.notify_waiters();
+            if l.queue.is_empty() {
+                lanes.remove(lane);
+            }
+        }
+    }
+
+    fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
+        self.inner
+            .lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The outcome of the delivery's turn: creates its run if the store has none yet, then

@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{Value, json};
 
+use super::chat::ChatTarget;
 use crate::gateway::webhooks::signature;
 use crate::store::deliveries::DeliveryRow;
 
@@ -24,7 +25,11 @@ pub fn client() -> Client {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Log,
-    Http { url: String },
+    Http {
+        url: String,
+    },
+    /// A reply to a chat, sent by its platform's outbox (see `chat`).
+    Chat(ChatTarget),
 }
 
 impl Target {
@@ -32,6 +37,13 @@ impl Target {
         match self {
             Target::Log => json!({"type": "log"}),
             Target::Http { url } => json!({"type": "http", "url": url}),
+            Target::Chat(c) => {
+                let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
+                if let Value::Object(m) = &mut v {
+                    m.insert("type".into(), "chat".into());
+                }
+                v
+            }
         }
         .to_string()
     }
@@ -42,6 +54,10 @@ impl Target {
             (Some("http"), Some(url)) => Target::Http {
                 url: url.to_owned(),
             },
+            (Some("chat"), _) => match serde_json::from_value::<ChatTarget>(v) {
+                Ok(c) => Target::Chat(c),
+                Err(_) => Target::Log,
+            },
             _ => Target::Log,
         }
     }
@@ -50,6 +66,7 @@ impl Target {
         match self {
             Target::Log => "the log".into(),
             Target::Http { url } => url.clone(),
+            Target::Chat(c) => format!("{} chat {}", c.instance(), c.chat_id),
         }
     }
 
@@ -69,6 +86,8 @@ impl Target {
                     result["output"].as_str().or(result["error"].as_str()).unwrap_or(""));
                 Ok(())
             }
+            // The ledger sends these through the platform's outbox, not from here.
+            Target::Chat(c) => Err(format!("{} has no sender here", c.instance())),
             Target::Http { url } => {
                 let body = json!({
                     "delivery_id": d.id,

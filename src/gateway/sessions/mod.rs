@@ -97,11 +97,44 @@ impl Answer {
     }
 }
 
-/// A busy session: the turns waiting behind the one running (at most `queue_depth`,
-/// checked when one is queued).
+/// A busy session: the run id of the turn it runs, and the turns waiting behind it (at
+/// most `queue_depth`, checked when one is queued).
 #[derive(Default)]
 struct Slot {
+    current: String,
     waiting: VecDeque<Turn>,
+}
+
+/// A durable run made ready to be stored by the caller's own write (with whatever else
+/// must commit with it), then queued with [`Sessions::queue_run`] once that commit is on
+/// disk — or given up with [`Sessions::discard_run`]. The write carries it to
+/// the commit and back (`write_then(move |c| { run.store(c)?; Ok(run) }, …)`).
+pub struct NewRun {
+    row: RunRow,
+    messages: Vec<Value>,
+    live: Arc<LiveRun>,
+    queued: Arc<runs::EventRow>,
+}
+
+impl NewRun {
+    pub fn id(&self) -> &str {
+        &self.row.id
+    }
+
+    /// Stores the run and its `run.queued` event, inside the caller's transaction.
+    pub fn store(&self, c: &rusqlite::Connection) -> rusqlite::Result<()> {
+        runs::insert(c, &self.row)?;
+        runs::append_event(c, &self.row.id, &self.queued, self.row.created_at)
+    }
+}
+
+/// What a session is doing, for a chat's `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionActivity {
+    /// The run id of the turn running.
+    pub running: String,
+    /// Turns waiting behind it.
+    pub waiting: usize,
 }
 
 /// A session made busy by a turn, and that turn: run it, then the turns that queue
@@ -247,6 +280,14 @@ impl Sessions {
         self.slots().contains_key(session_id)
     }
 
+    /// The turn a session is running and how many wait behind it; `None` when it is idle.
+    pub fn activity(&self, session_id: &str) -> Option<SessionActivity> {
+        self.slots().get(session_id).map(|s| SessionActivity {
+            running: s.current.clone(),
+            waiting: s.waiting.len(),
+        })
+    }
+
     /// Whether a turn for `session_id` would be accepted now.
     pub fn check(&self, session_id: Option<&str>) -> Result<(), Busy> {
         let slots = self.slots();
@@ -327,7 +368,13 @@ impl Sessions {
                 return Err(Busy::TooManySessions(self.inner.limits.max_concurrent_runs));
             }
         };
-        slots.insert(key.clone(), Slot::default());
+        slots.insert(
+            key.clone(),
+            Slot {
+                current: turn.run_id.clone(),
+                waiting: VecDeque::new(),
+            },
+        );
         Ok(Some(Start { key, turn, permit }))
     }
 
@@ -344,9 +391,11 @@ impl Sessions {
     /// when there is none.
     fn next_turn(&self, key: &str) -> Option<Turn> {
         let mut slots = self.slots();
-        match slots.get_mut(key).and_then(|s| s.waiting.pop_front()) {
-            Some(t) => {
+        let slot = slots.get_mut(key);
+        match slot.and_then(|s| s.waiting.pop_front().map(|t| (s, t))) {
+            Some((slot, t)) => {
                 self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+                slot.current.clone_from(&t.run_id);
                 Some(t)
             }
             None => {
@@ -734,29 +783,61 @@ impl Sessions {
     /// Creates a durable run: stored as queued, then queued for its session. The caller
     /// checked the limits with [`Sessions::check`].
     pub async fn create_run(&self, row: RunRow, messages: Vec<Value>) -> Result<(), StoreError> {
-        let live = LiveRun::new(row.id.clone(), Vec::new());
-        let ev = live.push(
-            "run.queued",
-            obj(json!({ "session_id": row.session_id, "model": row.model })),
-        );
-        let insert = row.clone();
-        // Live before it is stored, so that a subscriber never misses it in between.
-        self.inner.runs.insert(live.clone());
-        if let Err(e) = self
+        let run = self.new_run(row, messages);
+        let id = run.id().to_owned();
+        let stored = self
             .inner
             .store
             .write(move |c| {
-                runs::insert(c, &insert)?;
-                runs::append_event(c, &insert.id, &ev, insert.created_at)
+                run.store(c)?;
+                Ok(run)
             })
-            .await
-        {
-            self.inner.runs.remove(&row.id);
-            return Err(e);
+            .await;
+        match stored {
+            Ok(run) => {
+                self.queue_run(run);
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.runs.remove(&id);
+                Err(e)
+            }
         }
+    }
+
+    /// A durable run, ready to be stored ([`NewRun::store`]). It is live from now on, so
+    /// that a subscriber never misses it between its commit and its queueing.
+    pub fn new_run(&self, row: RunRow, messages: Vec<Value>) -> NewRun {
+        let live = LiveRun::new(row.id.clone(), Vec::new());
+        let queued = live.push(
+            "run.queued",
+            obj(json!({ "session_id": row.session_id, "model": row.model })),
+        );
+        self.inner.runs.insert(live.clone());
+        NewRun {
+            row,
+            messages,
+            live,
+            queued,
+        }
+    }
+
+    /// Queues a run whose [`NewRun::store`] committed: limits do not apply (it was
+    /// accepted). Runs queued one after another run in that order within their session.
+    pub fn queue_run(&self, run: NewRun) {
+        let NewRun {
+            row,
+            messages,
+            live,
+            ..
+        } = run;
         tracing::info!(session_key = %row.session_id.as_deref().unwrap_or(""), run_id = %row.id, "run queued");
         self.submit_accepted(run_turn(row, messages, live, 1));
-        Ok(())
+    }
+
+    /// A run that will not be stored after all (its write failed, or found it redundant).
+    pub fn discard_run(&self, run_id: &str) {
+        self.inner.runs.remove(run_id);
     }
 
     /// Cancels a run. `Ok(None)`: unknown; `Ok(Some(status))`: its status afterwards.

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use super::deliveries::{Acceptance, DeliveryLedger, NewDelivery, Target};
 use super::ids::new_id;
+use super::rate::TokenBucket;
 use crate::config::{RouteConfig, Secret, SignatureScheme, TargetConfig, WebhookConfig};
 use template::{Input, Template};
 
@@ -33,30 +34,17 @@ struct Route {
     template: Template,
     session: Option<Template>,
     target: Target,
-    bucket: Option<Mutex<Bucket>>,
-}
-
-struct Bucket {
-    tokens: f64,
-    last: Instant,
+    bucket: Option<Mutex<TokenBucket>>,
 }
 
 impl Route {
     /// `None` when the delivery may pass, else how long until a token is back.
     fn take_token(&self) -> Option<Duration> {
-        let (b, rl) = (self.bucket.as_ref()?, self.cfg.rate_limit?);
-        let rate = f64::from(rl.count) / rl.per.as_secs_f64();
-        let mut b = b.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        b.tokens =
-            (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(f64::from(rl.burst));
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            None
-        } else {
-            Some(Duration::from_secs_f64((1.0 - b.tokens) / rate))
-        }
+        self.bucket
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(Instant::now())
     }
 }
 
@@ -107,12 +95,7 @@ pub fn build_routes(
             ),
             None => None,
         };
-        let bucket = r.rate_limit.map(|rl| {
-            Mutex::new(Bucket {
-                tokens: f64::from(rl.burst),
-                last: Instant::now(),
-            })
-        });
+        let bucket = r.rate_limit.map(|rl| Mutex::new(TokenBucket::new(rl)));
         routes.insert(
             r.name.clone(),
             Arc::new(Route {
