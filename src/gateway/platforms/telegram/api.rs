@@ -23,7 +23,7 @@ pub enum ApiError {
     /// No answer, a broken connection, a 5xx, an unreadable answer.
     #[error("{0}")]
     Transient(String),
-    /// Telegram refused the request (`ok: false` with a 4xx).
+    /// Telegram refused the request (`ok: false` with a 4xx); `method` is the URL as shown.
     #[error("{method}: Telegram answered {code}: {description}")]
     Refused {
         method: String,
@@ -140,7 +140,7 @@ impl BotApi {
             )));
         }
         Err(ApiError::Refused {
-            method: method.to_owned(),
+            method: shown,
             code,
             description,
         })

@@ -182,58 +182,70 @@ impl Telegram {
         }
     }
 
-    /// Learns the bot's username (unless configured), then polls in polling mode.
+    /// Learns the bot's username (unless configured: mentions in groups need it), then
+    /// polls in polling mode. A poll waits for the username, so that no group message is
+    /// judged without it; a webhook meanwhile answers 503 to a group message with a mention
+    /// (Telegram sends it again).
     pub fn start(self: Arc<Self>, platforms: Platforms, shutdown: Shutdown) {
-        let this = self.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move { this.learn_username(stop).await });
         match self.mode {
             TelegramMode::Polling => {
-                tokio::spawn(async move { self.poll(platforms, shutdown).await });
+                tokio::spawn(async move {
+                    let mut stop = shutdown.clone();
+                    if self.learn_username(&mut stop).await {
+                        self.poll(platforms, shutdown).await;
+                    }
+                });
             }
-            TelegramMode::Webhook => self.instance.set_state("webhook"),
+            TelegramMode::Webhook => {
+                self.instance.set_state("webhook");
+                tokio::spawn(async move {
+                    let mut stop = shutdown;
+                    self.learn_username(&mut stop).await;
+                });
+            }
         }
     }
 
-    async fn learn_username(&self, mut shutdown: Shutdown) {
+    /// `false` when the drain began first.
+    async fn learn_username(&self, shutdown: &mut Shutdown) -> bool {
         if self.username().is_some() {
-            return;
+            return true;
         }
         let mut wait = Duration::from_secs(1);
         loop {
             let got = tokio::select! {
-                _ = shutdown.started() => return,
+                _ = shutdown.started() => return false,
                 r = self.api.get_me() => r,
             };
             match got {
                 Ok(me) => {
-                    if let Some(u) = me["username"].as_str() {
-                        tracing::info!(
-                            platform = "telegram",
-                            "telegram `{}` is @{u}",
-                            self.instance.name
-                        );
-                        *self
-                            .username
-                            .write()
-                            .unwrap_or_else(PoisonError::into_inner) = Some(u.to_owned());
-                    }
-                    return;
+                    let u = me["username"].as_str().unwrap_or("").to_owned();
+                    tracing::info!(
+                        platform = "telegram",
+                        "telegram `{}` is @{u}",
+                        self.instance.name
+                    );
+                    *self
+                        .username
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(u);
+                    return true;
                 }
                 Err(e) => {
                     tracing::warn!(
                         platform = "telegram",
-                        "telegram `{}`: getMe failed ({e}); mentions in groups are not recognised until it works",
+                        "telegram `{}`: getMe failed ({e}); again in {wait:?} (polling starts once it works)",
                         self.instance.name
                     );
                     self.instance.failed(&e.to_string());
+                    self.instance.set_state("error");
                 }
             }
             tokio::select! {
-                _ = shutdown.started() => return,
+                _ = shutdown.started() => return false,
                 () = tokio::time::sleep(wait) => {}
             }
-            wait = (wait * 2).min(Duration::from_secs(300));
+            wait = (wait * 2).min(Duration::from_secs(60));
         }
     }
 
@@ -349,15 +361,15 @@ impl Telegram {
         tracing::info!(platform, "telegram `{name}`: polling stopped for the drain");
     }
 
-    /// An update as a message to take, or why it is let go.
-    pub fn map(&self, u: &Value) -> Result<Inbound, String> {
+    /// An update as a message to take, or why it is not.
+    pub fn map(&self, u: &Value) -> Result<Inbound, Unmapped> {
         let update_id = u["update_id"].as_i64().ok_or("no update_id")?;
         let Some(msg) = u.get("message").filter(|m| m.is_object()) else {
             let kind = u
                 .as_object()
                 .and_then(|o| o.keys().find(|k| *k != "update_id"))
                 .map_or("an empty", String::as_str);
-            return Err(format!("{kind} update, not a new message"));
+            return Err(format!("{kind} update, not a new message").into());
         };
         let chat = &msg["chat"];
         let chat_id = chat["id"].as_i64().ok_or("a message without chat.id")?;
@@ -382,6 +394,11 @@ impl Telegram {
         };
         let group = matches!(chat_type, "group" | "supergroup");
         let username = self.username();
+        if group && username.is_none() && text.contains('@') {
+            return Err(Unmapped::Later(
+                "a group message that may mention the bot, whose username is not known yet",
+            ));
+        }
         let mut text = text.to_owned();
         // `/cmd@ourbot args` → `/cmd args`; a command for another bot is not ours.
         if text.starts_with('/') {
@@ -442,6 +459,38 @@ impl Telegram {
             text,
             sender_prefix: shared,
         })
+    }
+}
+
+/// Why an update is not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmapped {
+    /// Never: it is let go (and confirmed) — an edit, a sticker, a group chat message not
+    /// addressed to the bot…
+    LetGo(String),
+    /// Not yet: it cannot be judged now (the bot's username is not known yet); a webhook
+    /// answers 503 so that Telegram sends it again.
+    Later(&'static str),
+}
+
+impl From<&str> for Unmapped {
+    fn from(s: &str) -> Self {
+        Unmapped::LetGo(s.to_owned())
+    }
+}
+
+impl From<String> for Unmapped {
+    fn from(s: String) -> Self {
+        Unmapped::LetGo(s)
+    }
+}
+
+impl std::fmt::Display for Unmapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unmapped::LetGo(s) => f.write_str(s),
+            Unmapped::Later(s) => f.write_str(s),
+        }
     }
 }
 
@@ -673,7 +722,15 @@ async fn webhook(
     };
     let items = match t.map(&update) {
         Ok(m) => vec![m],
-        Err(why) => {
+        Err(Unmapped::Later(why)) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                format!("update {id} cannot be judged yet: {why}; Telegram sends it again"),
+                &name,
+            );
+        }
+        Err(Unmapped::LetGo(why)) => {
             tracing::debug!(
                 platform = "telegram",
                 source_id = id,
