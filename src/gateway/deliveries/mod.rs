@@ -412,18 +412,26 @@ impl DeliveryLedger {
             };
             let s = self.settings();
             attempts += 1;
-            {
-                let id = row.id.clone();
-                let n = attempts;
-                self.inner
-                    .store
-                    .write_detached("delivery attempt", move |c| {
-                        rows::set_attempting(c, &id, n, store::now_ms())
-                    });
-            }
-            let sent = match &chat {
-                Some((c, text)) => self.send_chat(&row, c, text, &progress, resent_part).await,
+            let (id, n) = (row.id.clone(), attempts);
+            let mark =
+                move |c: &rusqlite::Connection| rows::set_attempting(c, &id, n, store::now_ms());
+            // A chat reply is on record as being sent before it is: a restart in the middle
+            // then re-sends it marked as possibly repeated, never silently twice.
+            let marked = match &chat {
+                Some(_) => self.inner.store.write(mark).await,
                 None => {
+                    self.inner.store.write_detached("delivery attempt", mark);
+                    Ok(())
+                }
+            };
+            let sent = match (&chat, marked) {
+                (_, Err(e)) => Err(SendError::Transient(format!(
+                    "cannot record the attempt before sending: {e}"
+                ))),
+                (Some((c, text)), Ok(())) => {
+                    self.send_chat(&row, c, text, &progress, resent_part).await
+                }
+                (None, Ok(())) => {
                     let key = s.signing.get(&row.route).map(Vec::as_slice);
                     target
                         .send(&self.inner.client, &row, &result, key, s.target_timeout)
