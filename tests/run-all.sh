@@ -34,6 +34,15 @@ if ! "$venv/bin/pip" freeze 2>/dev/null | grep -qixF "$pin"; then
     echo "== could not create $venv: the conformance test will say so"
 fi
 
+# The chat platforms' own libraries (python-telegram-bot, …) for the platform tests.
+pvenv=target/platforms-venv
+ppin=$(grep -v '^#' tests/platforms/requirements.txt | head -n 1)
+if ! "$pvenv/bin/pip" freeze 2>/dev/null | grep -qixF "$ppin"; then
+  echo "== creating $pvenv ($ppin) for the platform tests"
+  { python3 -m venv "$pvenv" && "$pvenv/bin/pip" install -q -r tests/platforms/requirements.txt; } ||
+    echo "== could not create $pvenv: the platform tests that need it will say so"
+fi
+
 # The Debian package for tests/package.rs (needs root for the test itself anyway).
 if [ "$(id -u)" = 0 ] && command -v dh >/dev/null 2>&1; then
   ./tests/build-deb.sh
