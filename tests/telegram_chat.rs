@@ -114,6 +114,14 @@ fn commands_are_answered_by_the_gateway_even_while_a_turn_runs() {
         got[1].text()
     );
     assert!(got[2].text().contains("/new"), "{}", got[2].text());
+    // While the turn runs, the chat sees "typing…".
+    let typing = stub.calls("sendChatAction");
+    assert!(
+        typing
+            .iter()
+            .any(|c| c.chat() == 7 && c.body["action"] == "typing"),
+        "{typing:?}"
+    );
     // /stop cancels the running turn: its reply never comes.
     say(&stub, 7, 7, "/stop");
     let got = stub.wait_delivered(WAIT, |d| d.len() == 4);

@@ -99,7 +99,11 @@ fn updates_built_by_python_telegram_bot_are_taken_as_the_readme_says() {
     let got = stub.wait_delivered(Duration::from_secs(30), |d| d.len() >= expected.len());
     std::thread::sleep(Duration::from_millis(800));
     let got = stub.delivered();
-    assert_eq!(got.len(), expected.len(), "only what the rule takes is answered");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "only what the rule takes is answered"
+    );
     for (msg, text) in &expected {
         let reply = got
             .iter()

@@ -84,7 +84,11 @@ fn supervised_restart_exits_75_once_even_when_the_update_comes_again() {
     let gw2 = launch();
     let relaunched_in = t.elapsed();
     let got = stub.wait_delivered(WAIT, |d| d.len() == 2);
-    assert!(got[1].text().contains("The gateway restarted"), "{}", got[1].text());
+    assert!(
+        got[1].text().contains("The gateway restarted"),
+        "{}",
+        got[1].text()
+    );
     assert_eq!(got[1].chat(), ADMIN);
     let secs: f64 = got[1]
         .text()
@@ -127,7 +131,11 @@ fn unsupervised_restart_re_executes_in_place_and_polling_goes_on() {
     notify.wait_for("STOPPING=1", WAIT);
     notify.wait_for("READY=1", WAIT);
     let got = stub.wait_delivered(WAIT, |d| !d.is_empty());
-    assert!(got[0].text().contains("The gateway restarted"), "{}", got[0].text());
+    assert!(
+        got[0].text().contains("The gateway restarted"),
+        "{}",
+        got[0].text()
+    );
     assert_eq!(gw.pid(), pid, "the same process, re-executed");
     assert!(gw.child.try_wait().unwrap().is_none());
     // Polling resumed past the /restart: it is not read again, and new messages flow.
@@ -138,7 +146,10 @@ fn unsupervised_restart_re_executes_in_place_and_polling_goes_on() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(notices(&stub), 1, "told once, restarted once");
     assert!(
-        notify.drain(Duration::from_millis(300)).iter().all(|l| !l.contains("STOPPING=1")),
+        notify
+            .drain(Duration::from_millis(300))
+            .iter()
+            .all(|l| !l.contains("STOPPING=1")),
         "no second restart"
     );
     gw.signal(nix::sys::signal::Signal::SIGTERM);

@@ -89,6 +89,13 @@ pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<usize, SendError>> 
 pub trait ChatOutbox: Send + Sync + 'static {
     /// Sends the reply's parts from `from_part` on; `Ok(parts)`: all of them are confirmed.
     fn deliver<'a>(&'a self, d: ChatDelivery<'a>) -> SendFuture<'a>;
+
+    /// Shows the chat that a reply is being written (best effort; called every few
+    /// seconds while the turn runs).
+    fn typing<'a>(
+        &'a self,
+        target: &'a ChatTarget,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 /// The text a turn's outcome becomes in the chat; `None` for a turn that was cancelled

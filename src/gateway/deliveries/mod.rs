@@ -34,6 +34,8 @@ pub use target::Target;
 
 /// How often ended deliveries older than the retention are pruned.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// While a chat's turn runs, "typing…" is shown again this often.
+const TYPING_EVERY: Duration = Duration::from_millis(4500);
 /// Deliveries pruned per commit.
 const PRUNE_BATCH: i64 = 500;
 
@@ -341,7 +343,15 @@ impl DeliveryLedger {
         // Resumed in the middle of an attempt: the gateway stopped while it was sending.
         let cut_short = row.state == "attempting";
         if row.state == "received" {
-            let outcome = match self.turn(&row).await {
+            let typing = match Target::from_json(&row.target) {
+                Target::Chat(c) => self.show_typing(c, &row.run_id),
+                _ => None,
+            };
+            let outcome = self.turn(&row).await;
+            if let Some(t) = typing {
+                t.abort();
+            }
+            let outcome = match outcome {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::error!(route = %row.route, delivery_id = %row.id, run_id = %row.run_id,
@@ -449,6 +459,7 @@ impl DeliveryLedger {
                     match &chat {
                         Some((c, _)) => {
                             tracing::info!(platform = %c.platform, chat_id = %c.chat_id,
+                            message_id = c.reply_to.as_deref().unwrap_or(""),
                             delivery_id = %row.id, run_id = %row.run_id,
                             session_key = row.session_id.as_deref().unwrap_or(""),
                             "reply delivered to {} (attempt {attempts})", target.describe())
@@ -539,6 +550,23 @@ impl DeliveryLedger {
             })
             .await
             .map(|_| ())
+    }
+
+    /// While a chat's turn runs, shows the chat that a reply is being written.
+    fn show_typing(&self, c: ChatTarget, run_id: &str) -> Option<tokio::task::JoinHandle<()>> {
+        let live = self.inner.sessions.runs().get(run_id)?;
+        let outbox = self.outbox(&c.instance())?;
+        Some(tokio::spawn(async move {
+            loop {
+                match live.phase() {
+                    Phase::Finished => return,
+                    Phase::Running => outbox.typing(&c).await,
+                    Phase::Queued => {}
+                }
+                // Telegram shows "typing…" for 5 s.
+                tokio::time::sleep(TYPING_EVERY).await;
+            }
+        }))
     }
 
     /// Registers the outbox that sends the replies of platform instance `instance`

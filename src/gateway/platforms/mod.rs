@@ -78,7 +78,11 @@ pub trait Adapter: Send + Sync + 'static {
         text: &'a str,
         first: bool,
     ) -> SendFuture<'a>;
+    /// "typing…" in the chat, best effort.
+    fn typing<'a>(&'a self, target: &'a ChatTarget) -> Typing<'a>;
 }
+
+pub type Typing<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 /// What one platform instance (`[[platforms.telegram]] name = "main"`) shares with the
 /// core: its access rules, its inbound limit and its health for `status`.
@@ -1024,6 +1028,10 @@ impl<A: Adapter> Outbox<A> {
 }
 
 impl<A: Adapter> ChatOutbox for Outbox<A> {
+    fn typing<'a>(&'a self, target: &'a ChatTarget) -> Typing<'a> {
+        self.adapter.typing(target)
+    }
+
     fn deliver<'a>(&'a self, d: ChatDelivery<'a>) -> SendFuture<'a> {
         Box::pin(async move {
             let unit = self.adapter.unit();

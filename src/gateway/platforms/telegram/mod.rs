@@ -300,15 +300,17 @@ impl Telegram {
                             );
                             continue;
                         };
-                        next = Some(next.map_or(id + 1, |n| n.max(id + 1)));
                         match self.map(u) {
                             Ok(m) => items.push(m),
-                            Err(why) => tracing::debug!(
+                            Err(Unmapped::LetGo(why)) => tracing::debug!(
                                 platform,
                                 source_id = id,
                                 "telegram `{name}`: update {id} let go: {why}"
                             ),
+                            // Not confirmed: the next poll brings it (and those after) again.
+                            Err(Unmapped::Later(_)) => break,
                         }
+                        next = Some(next.map_or(id + 1, |n| n.max(id + 1)));
                     }
                     let n = items.len();
                     match platforms.receive(&self.instance, items, next).await {
@@ -535,6 +537,22 @@ fn id_value(s: &str) -> Value {
 }
 
 impl Adapter for Telegram {
+    fn typing<'a>(&'a self, target: &'a ChatTarget) -> super::Typing<'a> {
+        Box::pin(async move {
+            let mut body = json!({"chat_id": id_value(&target.chat_id), "action": "typing"});
+            if let Some(t) = &target.thread_id {
+                body["message_thread_id"] = id_value(t);
+            }
+            if let Err(e) = self
+                .api
+                .call("sendChatAction", &body, Duration::from_secs(10))
+                .await
+            {
+                tracing::debug!(platform = "telegram", chat_id = %target.chat_id, "sendChatAction: {e}");
+            }
+        })
+    }
+
     fn max_len(&self) -> usize {
         MAX_MESSAGE
     }
