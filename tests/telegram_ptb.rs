@@ -96,7 +96,7 @@ fn updates_built_by_python_telegram_bot_are_taken_as_the_readme_says() {
             expected.push((case["update"]["message"].clone(), t.to_owned()));
         }
     }
-    let got = stub.wait_delivered(Duration::from_secs(30), |d| d.len() >= expected.len());
+    stub.wait_delivered(Duration::from_secs(30), |d| d.len() >= expected.len());
     std::thread::sleep(Duration::from_millis(800));
     let got = stub.delivered();
     assert_eq!(
