@@ -105,3 +105,100 @@ fn bad_bodies_get_clear_statuses_and_lose_nothing() {
     let got = stub.wait_delivered(WAIT, |d| !d.is_empty());
     assert_eq!(got[0].text(), "still here");
 }
+
+#[test]
+fn set_webhook_and_delete_webhook_use_the_configured_token_and_secret() {
+    let stub = Stub::start();
+    let cfg = telegram_config(
+        &stub,
+        &format!("mode = \"webhook\"\nwebhook_secret = \"{SECRET}\"\nallow_all = true"),
+    );
+    let setup = Setup::new("127.0.0.1:0", &cfg);
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&setup.config)
+            .output()
+            .expect("run the CLI")
+    };
+    let out = run(&[
+        "platforms",
+        "telegram",
+        "set-webhook",
+        "main",
+        "--url",
+        "https://bot.example.org/platforms/telegram/main",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = stub.calls("setWebhook");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        calls[0].body["url"],
+        "https://bot.example.org/platforms/telegram/main"
+    );
+    assert_eq!(calls[0].body["secret_token"], SECRET);
+    assert_eq!(calls[0].body["drop_pending_updates"], false);
+    let out = run(&["platforms", "telegram", "delete-webhook", "main"]);
+    assert!(out.status.success());
+    assert_eq!(
+        stub.calls("deleteWebhook")[0].body["drop_pending_updates"],
+        false
+    );
+    // A name that is not configured, and a URL Telegram would refuse.
+    let out = run(&["platforms", "telegram", "delete-webhook", "other"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no [[platforms.telegram]] named `other`")
+    );
+    let out = run(&[
+        "platforms",
+        "telegram",
+        "set-webhook",
+        "main",
+        "--url",
+        "http://x",
+    ]);
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn a_token_that_cannot_be_read_exits_78_naming_the_key() {
+    let stub = Stub::start();
+    let cfg = format!(
+        "[[platforms.telegram]]\nname = \"main\"\ntoken_file = \"/nonexistent/telegram-token\"\napi_base = \"{}\"\n",
+        stub.api_base()
+    );
+    let setup = Setup::new("127.0.0.1:0", &cfg);
+    let mut gw = setup.spawn(&[], &[]);
+    let st = gw.wait(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(78), "{}", gw.stderr());
+    let err = gw.stderr();
+    assert!(
+        err.contains("[[platforms.telegram]] `main`: token"),
+        "{err}"
+    );
+    assert!(err.contains("/nonexistent/telegram-token"), "{err}");
+    // check-config says the same about a section that does not validate.
+    let bad = setup.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[platforms.telegram]]\nname = \"x\"\nmode = \"webhook\"\ntoken = \"1:A\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("bad.toml") && e.contains("platforms.telegram[0].webhook_secret"),
+        "{e}"
+    );
+}

@@ -250,3 +250,99 @@ fn webhook_retention_defaults_to_a_week_and_may_not_be_shorter_than_the_dedup_wi
         "{text}"
     );
 }
+
+const TG: &str = "[[platforms.telegram]]\nname = \"main\"\ntoken = \"123456:AAabc_def-1\"\n";
+
+#[test]
+fn a_telegram_instance_takes_its_defaults() {
+    let c = parse(&format!(
+        "{TG}allowed_users = [42, \"43\"]\nadmins = [42]\n"
+    ))
+    .expect("valid");
+    let t = &c.platforms.telegram[0];
+    assert_eq!(t.name, "main");
+    assert_eq!(t.mode, TelegramMode::Polling);
+    assert_eq!(t.api_base, "https://api.telegram.org");
+    assert_eq!(t.access.allowed_users, ["42", "43"]);
+    assert_eq!(t.access.admins, ["42"]);
+    assert_eq!(t.group_sessions, GroupSessions::PerUser);
+    assert_eq!(t.poll_timeout, Duration::from_secs(50));
+    assert!(t.markdown);
+    assert_eq!(
+        format!("{:?}", t.token),
+        "Inline([redacted])",
+        "the token never prints"
+    );
+}
+
+fn telegram_error(extra: &str) -> String {
+    parse(extra).unwrap_err().to_string()
+}
+
+#[test]
+fn telegram_configuration_errors_name_the_file_and_the_key() {
+    let cases = [
+        (
+            "[[platforms.telegram]]\nname = \"main\"\n".to_owned(),
+            "platforms.telegram[0].token",
+            "no bot token",
+        ),
+        (
+            format!("{TG}mode = \"webhook\"\n"),
+            "platforms.telegram[0].webhook_secret",
+            "webhook mode without a secret",
+        ),
+        (
+            format!("{TG}{TG}"),
+            "platforms.telegram[1].name",
+            "defined twice",
+        ),
+        (
+            "[[platforms.telegram]]\nname = \"main\"\ntoken = \"not-a-token\"\n".to_owned(),
+            "platforms.telegram[0].token",
+            "123456789:AA",
+        ),
+        (
+            format!("{TG}token_file = \"/etc/t\"\n"),
+            "platforms.telegram[0].token_file",
+            "one way only",
+        ),
+        (
+            format!("{TG}mode = \"webhook\"\nwebhook_secret = \"has spaces\"\n"),
+            "platforms.telegram[0].webhook_secret",
+            "A-Z, a-z, 0-9",
+        ),
+        (
+            format!("{TG}allow_all = true\nallowed_users = [1]\n"),
+            "platforms.telegram[0].allow_all",
+            "keep one",
+        ),
+        (
+            format!("{TG}api_base = \"ftp://x\"\n"),
+            "platforms.telegram[0].api_base",
+            "http",
+        ),
+        (
+            format!("{TG}chat_rate_limit = \"lots\"\n"),
+            "platforms.telegram[0].chat_rate_limit",
+            "N/min",
+        ),
+        (
+            format!("{TG}mode = \"carrier-pigeon\"\n"),
+            "platforms.telegram[0].mode",
+            "polling",
+        ),
+        (
+            "[[platforms.telegram]]\nname = \"a/b\"\ntoken = \"1:A\"\n".to_owned(),
+            "platforms.telegram[0].name",
+            "/platforms/telegram/NAME",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let e = telegram_error(&text);
+        assert!(e.contains("/etc/hermes-gateway/gateway.toml"), "{e}");
+        assert!(e.contains(key), "{key}: {e}");
+        assert!(e.contains(why), "{why}: {e}");
+        assert!(!e.contains("AAabc_def"), "no secret in {e}");
+    }
+}
