@@ -155,3 +155,52 @@ fn unsupervised_restart_re_executes_in_place_and_polling_goes_on() {
     gw.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(gw.wait(WAIT).code(), Some(0));
 }
+
+#[test]
+fn unsupervised_webhook_restart_is_not_repeated_by_a_redelivered_update() {
+    let stub = Stub::start();
+    let setup = Setup::new(
+        "127.0.0.1:0",
+        &telegram_config(
+            &stub,
+            &format!(
+                "mode = \"webhook\"\nwebhook_secret = \"{SECRET}\"\nallow_all = true\nadmins = [{ADMIN}]"
+            ),
+        ),
+    );
+    let text = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("webhook = \"off\"", "webhook = \"127.0.0.1:0\"");
+    setup.write_config(&text);
+    let notify = setup.notify();
+    let mut gw = setup.spawn(
+        &["--supervisor", "none"],
+        &[("NOTIFY_SOCKET", notify.path.to_str().expect("utf-8"))],
+    );
+    notify.wait_for("READY=1", Duration::from_secs(20));
+    let hook = listener_addr(&setup.control, "webhook");
+    assert_eq!(post(hook, &restart_update(700, ADMIN)), 200);
+    notify.wait_for("STOPPING=1", WAIT);
+    notify.wait_for("READY=1", WAIT);
+    stub.wait_delivered(WAIT, |d| notices_in(d) == 1);
+    // The same update again, on the handed-over socket: answered, nothing restarts.
+    assert_eq!(post(hook, &restart_update(700, ADMIN)), 200);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        notify
+            .drain(Duration::from_millis(300))
+            .iter()
+            .all(|l| !l.contains("STOPPING=1")),
+        "no second restart"
+    );
+    assert_eq!(notices(&stub), 1);
+    assert!(gw.child.try_wait().unwrap().is_none());
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(gw.wait(WAIT).code(), Some(0));
+}
+
+fn notices_in(d: &[Call]) -> usize {
+    d.iter()
+        .filter(|c| c.text().contains("The gateway restarted"))
+        .count()
+}
