@@ -14,17 +14,12 @@ mod markdown;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::StatusCode;
 use serde_json::{Value, json};
 
+use super::webhook::{Refused, Reply, Request, Taken, WebhookInbox};
 use super::{Adapter, Inbound, Instance, Platforms, chunk};
 use crate::config::{GroupSessions, RateLimit, Secret, TelegramConfig, TelegramMode};
-use crate::gateway::body::{BodyError, read_limited};
 use crate::gateway::deliveries::ChatTarget;
 use crate::gateway::deliveries::chat::SendFuture;
 use crate::gateway::webhooks::signature;
@@ -46,7 +41,7 @@ struct Settings {
 pub struct Telegram {
     instance: Arc<Instance>,
     api: BotApi,
-    mode: TelegramMode,
+    pub(super) mode: TelegramMode,
     /// Webhook mode: what Telegram sends in `X-Telegram-Bot-Api-Secret-Token`.
     secret: Option<Secret>,
     send_rate: RateLimit,
@@ -611,162 +606,58 @@ impl Adapter for Telegram {
     }
 }
 
-/// `POST /platforms/telegram/NAME` on the webhook listener.
-pub fn router(platforms: Platforms) -> Router {
-    Router::new()
-        .route("/platforms/telegram/{name}", post(webhook))
-        .with_state(platforms)
-}
+impl WebhookInbox for Telegram {
+    fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
 
-fn refuse(status: StatusCode, code: &str, message: String, name: &str) -> Response {
-    if status.is_server_error() {
-        tracing::error!(
-            platform = "telegram",
-            status = status.as_u16(),
-            "telegram `{name}` webhook refused: {message}"
-        );
-    } else {
-        tracing::warn!(
-            platform = "telegram",
-            status = status.as_u16(),
-            "telegram `{name}` webhook refused: {message}"
-        );
+    /// Telegram sends the configured secret in `X-Telegram-Bot-Api-Secret-Token`.
+    fn verify(&self, req: &Request<'_>) -> Result<(), Refused> {
+        let Some(secret) = &self.secret else {
+            return Err(Refused::unauthorized(
+                "invalid_secret_token",
+                "no webhook_secret is configured",
+            ));
+        };
+        signature::verify_token(secret.expose().as_bytes(), SECRET_HEADER, req.headers).map_err(
+            |e| Refused::unauthorized("invalid_secret_token", format!("{SECRET_HEADER}: {e}")),
+        )
     }
-    let mut r = (
-        status,
-        axum::Json(json!({"status": "error", "error": code, "message": message})),
-    )
-        .into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from(1));
-    }
-    r
-}
 
-/// One update from Telegram: the secret token checked, the body read within the webhook
-/// limits, the update committed — then 200. A repeated `update_id` is 200 and runs nothing.
-async fn webhook(
-    State(p): State<Platforms>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let name = name.escape_default().to_string();
-    let Some(t) = p
-        .inner
-        .telegram
-        .get(&name)
-        .filter(|t| t.mode == TelegramMode::Webhook)
-        .cloned()
-    else {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            "unknown_platform",
-            format!("no telegram `{name}` in webhook mode"),
-            &name,
-        );
-    };
-    let Some(secret) = &t.secret else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_secret_token",
-            "no secret is configured".into(),
-            &name,
-        );
-    };
-    if let Err(e) = signature::verify_token(secret.expose().as_bytes(), SECRET_HEADER, &headers) {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_secret_token",
-            format!("{SECRET_HEADER}: {e}"),
-            &name,
-        );
-    }
-    let (limit, timeout) = p.body_limits();
-    let bytes = match read_limited(&headers, body, limit, timeout).await {
-        Ok(b) => b,
-        Err(BodyError::TooLarge) => {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the update is larger than {limit} bytes ([webhook] max_body)"),
-                &name,
-            );
-        }
-        Err(BodyError::Timeout) => {
-            return refuse(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                format!("the update did not arrive within {timeout:?}"),
-                &name,
-            );
-        }
-        Err(BodyError::Unreadable(e)) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "unreadable_body",
-                format!("cannot read the body: {e}"),
-                &name,
-            );
-        }
-    };
-    let update: Value = match serde_json::from_slice(&bytes) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "malformed_update",
-                "the body is not a JSON object".into(),
-                &name,
-            );
-        }
-        Err(e) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "malformed_update",
-                format!("the body is not JSON: {e}"),
-                &name,
-            );
-        }
-    };
-    let Some(id) = update["update_id"].as_i64() else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "malformed_update",
-            "the update has no integer update_id".into(),
-            &name,
-        );
-    };
-    let items = match t.map(&update) {
-        Ok(m) => vec![m],
-        Err(Unmapped::Later(why)) => {
-            return refuse(
+    /// One update: 200 once it is committed; a repeated `update_id` is 200 and runs
+    /// nothing; an update let go is 200 at once.
+    fn read(&self, req: &Request<'_>) -> Result<Taken, Refused> {
+        let update: Value = match serde_json::from_slice(req.body) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => return Err(malformed("the body is not a JSON object")),
+            Err(e) => return Err(malformed(format!("the body is not JSON: {e}"))),
+        };
+        let Some(id) = update["update_id"].as_i64() else {
+            return Err(malformed("the update has no integer update_id"));
+        };
+        match self.map(&update) {
+            Ok(m) => Ok(Taken {
+                messages: vec![m],
+                reply: Reply::Empty,
+            }),
+            Err(Unmapped::Later(why)) => Err(Refused::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_ready",
                 format!("update {id} cannot be judged yet: {why}; Telegram sends it again"),
-                &name,
-            );
+            )),
+            Err(Unmapped::LetGo(why)) => {
+                tracing::debug!(
+                    platform = "telegram",
+                    source_id = id,
+                    "telegram `{}`: update {id} let go: {why}",
+                    self.instance.name
+                );
+                Ok(Taken::nothing(Reply::Empty))
+            }
         }
-        Err(Unmapped::LetGo(why)) => {
-            tracing::debug!(
-                platform = "telegram",
-                source_id = id,
-                "telegram `{name}`: update {id} let go: {why}"
-            );
-            return StatusCode::OK.into_response();
-        }
-    };
-    match p.receive(&t.instance, items, None).await {
-        Ok(()) => {
-            t.instance.ok("webhook");
-            StatusCode::OK.into_response()
-        }
-        Err(e) => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            format!("the update could not be stored ({e}); Telegram sends it again"),
-            &name,
-        ),
     }
+}
+
+fn malformed(message: impl Into<String>) -> Refused {
+    Refused::new(StatusCode::BAD_REQUEST, "malformed_update", message)
 }
