@@ -6,6 +6,7 @@
 mod duration;
 mod paths;
 mod sections;
+mod template;
 mod webhook;
 
 use std::fmt;
@@ -20,6 +21,7 @@ pub use paths::{default_control_path, default_state_dir};
 pub use sections::{
     AgentBackend, AgentConfig, ApiConfig, ByteSize, KeySource, OpenAiConfig, Secret, SessionsConfig,
 };
+pub use template::{Part, Template, TemplateError};
 pub use webhook::{
     RateLimit, RouteConfig, SecretSource, SignatureScheme, TargetConfig, WebhookConfig,
 };
