@@ -316,6 +316,7 @@ fn beyond_the_limits_the_answer_is_429_with_retry_after() {
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
     assert!(r.body.contains("max_concurrent_runs"), "{}", r.body);
     // The same session: its queue (depth 1) is full.
     let r = chat(addr, Some("a"), "w", false);
@@ -435,6 +436,8 @@ fn bad_input_gets_openai_errors() {
     let r = post(r#"{"messages": [{"role": "wizard", "content": "x"}]}"#);
     assert_eq!(r.status, 400);
     assert!(r.body.contains("messages[0].role"), "{}", r.body);
+    // OpenAI's shape: `code` is a string or null, never the HTTP status.
+    assert!(r.json()["error"]["code"].is_null(), "{}", r.body);
     let r = post(r#"{"messages": [{"content": "x"}]}"#);
     assert_eq!(r.status, 400);
     assert!(r.body.contains("role"), "{}", r.body);
@@ -483,6 +486,8 @@ fn bad_input_gets_openai_errors() {
         let r = request(addr, "GET", path, &[], "").unwrap();
         assert_eq!(r.status, 404, "{path}");
         assert!(r.json()["error"]["message"].is_string());
+        let code = &r.json()["error"]["code"];
+        assert!(code.is_string() || code.is_null(), "{path}: {}", r.body);
     }
     let r = request(addr, "POST", "/v1/runs/run_nope/cancel", &[], "").unwrap();
     assert_eq!(r.status, 404);
@@ -493,6 +498,7 @@ fn bad_input_gets_openai_errors() {
     let r = request(addr, "GET", "/v1/chat/completions", &[], "").unwrap();
     assert_eq!(r.status, 405);
     assert!(r.json()["error"]["message"].is_string());
+    assert!(r.json()["error"]["code"].is_null(), "{}", r.body);
 
     // Still serving.
     assert_eq!(
