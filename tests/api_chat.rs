@@ -413,6 +413,54 @@ fn bump_user_version(db: &std::path::Path, v: u32) {
 }
 
 #[test]
+fn a_user_message_without_content_is_400_naming_it() {
+    let setup = Setup::new("127.0.0.1:0", "");
+    let (_gw, addr, _n) = start_api(&setup);
+    let post = |body: &str| request(addr, "POST", "/v1/chat/completions", &[], body).unwrap();
+
+    for (body, field) in [
+        (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content"),
+        (
+            r#"{"messages": [{"role": "user", "content": null}]}"#,
+            "messages[0].content",
+        ),
+        (
+            r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user"}]}"#,
+            "messages[1].content",
+        ),
+    ] {
+        let r = post(body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let e = r.json();
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{}", r.body);
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("`{field}`")), "{body}: {message}");
+    }
+    // The same refusal on a session turn, and nothing of it is stored.
+    let r = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("X-Hermes-Session-Id", "empty-user")],
+        r#"{"messages": [{"role": "user"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        request(addr, "GET", "/v1/sessions/empty-user", &[], "")
+            .unwrap()
+            .status,
+        404
+    );
+    // An assistant turn that called tools may still come without content.
+    let r = post(
+        r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}, {"role": "user", "content": "b"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "b");
+}
+
+#[test]
 fn bad_input_gets_openai_errors() {
     let setup = Setup::new(
         "127.0.0.1:0",
