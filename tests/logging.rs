@@ -1,6 +1,6 @@
 //! Readable log lines against the real binary: ANSI colour codes only when stderr is a
 //! terminal, never in a file or a pipe (`hermes-gateway run 2>gateway.log`), and never
-//! with `NO_COLOR` set.
+//! with `NO_COLOR` set; and what a first start says of its new database.
 
 mod common;
 
@@ -128,4 +128,34 @@ fn a_terminal_gets_colour_unless_no_color_is_set() {
         !plain.contains('\u{1b}'),
         "ESC despite NO_COLOR:\n{plain:?}"
     );
+}
+
+#[test]
+fn a_new_database_says_once_that_it_was_created() {
+    let setup = Setup::new("127.0.0.1:0", "");
+    let db_lines = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("schema version"))
+            .map(str::to_owned)
+            .collect()
+    };
+    for start in ["first", "second"] {
+        let (mut gw, _api, _notify) = start_api(&setup);
+        gw.signal(Signal::SIGTERM);
+        assert_eq!(gw.wait(T).code(), Some(0));
+        let lines = db_lines(&gw.stderr());
+        if start == "first" {
+            assert_eq!(lines.len(), 1, "{lines:?}");
+            assert!(
+                lines[0].contains("gateway.db: created at schema version "),
+                "{lines:?}"
+            );
+        } else {
+            assert_eq!(
+                lines,
+                Vec::<String>::new(),
+                "an up-to-date database logs nothing"
+            );
+        }
+    }
 }
