@@ -1,6 +1,9 @@
 //! Logging: the native journald protocol with structured fields when stderr is the journal
-//! (`JOURNAL_STREAM` names it), readable lines on stderr otherwise.
+//! (`JOURNAL_STREAM` names it), readable lines on stderr otherwise — coloured only when
+//! stderr is a terminal and `NO_COLOR` is not set, so a file or a pipe gets plain text.
 
+use std::ffi::OsStr;
+use std::io::IsTerminal;
 use std::os::fd::AsFd;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -50,6 +53,12 @@ pub fn stderr_is_journal() -> bool {
     }
 }
 
+/// Whether readable lines carry ANSI colour codes: only on a terminal, and never when
+/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>).
+fn colour(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(OsStr::is_empty)
+}
+
 /// info → 6 (informational), as journalctl and syslog expect; the crate's default maps
 /// info to 5 (notice), which would make every access-log line stand out.
 fn syslog_priorities() -> tracing_journald::PriorityMappings {
@@ -81,6 +90,10 @@ pub fn init(config_level: Option<&str>) -> Result<LogControl, LogError> {
         Some(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(colour(
+                    std::io::stderr().is_terminal(),
+                    std::env::var_os("NO_COLOR").as_deref(),
+                ))
                 .with_target(false)
                 .boxed(),
         )
@@ -100,5 +113,21 @@ impl LogControl {
         self.handle
             .reload(f)
             .map_err(|e| LogError::Init(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(!colour(false, None), "a file or a pipe gets plain text");
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(true, Some(OsStr::new("false"))), "any value counts");
+        assert!(!colour(false, Some(OsStr::new("1"))));
+        // no-color.org: an empty NO_COLOR is as if it were not set.
+        assert!(colour(true, Some(OsStr::new(""))));
     }
 }

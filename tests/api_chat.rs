@@ -316,6 +316,7 @@ fn beyond_the_limits_the_answer_is_429_with_retry_after() {
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
     assert!(r.body.contains("max_concurrent_runs"), "{}", r.body);
     // The same session: its queue (depth 1) is full.
     let r = chat(addr, Some("a"), "w", false);
@@ -412,6 +413,54 @@ fn bump_user_version(db: &std::path::Path, v: u32) {
 }
 
 #[test]
+fn a_user_message_without_content_is_400_naming_it() {
+    let setup = Setup::new("127.0.0.1:0", "");
+    let (_gw, addr, _n) = start_api(&setup);
+    let post = |body: &str| request(addr, "POST", "/v1/chat/completions", &[], body).unwrap();
+
+    for (body, field) in [
+        (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content"),
+        (
+            r#"{"messages": [{"role": "user", "content": null}]}"#,
+            "messages[0].content",
+        ),
+        (
+            r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user"}]}"#,
+            "messages[1].content",
+        ),
+    ] {
+        let r = post(body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let e = r.json();
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{}", r.body);
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("`{field}`")), "{body}: {message}");
+    }
+    // The same refusal on a session turn, and nothing of it is stored.
+    let r = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("X-Hermes-Session-Id", "empty-user")],
+        r#"{"messages": [{"role": "user"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        request(addr, "GET", "/v1/sessions/empty-user", &[], "")
+            .unwrap()
+            .status,
+        404
+    );
+    // An assistant turn that called tools may still come without content.
+    let r = post(
+        r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}, {"role": "user", "content": "b"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "b");
+}
+
+#[test]
 fn bad_input_gets_openai_errors() {
     let setup = Setup::new(
         "127.0.0.1:0",
@@ -435,6 +484,8 @@ fn bad_input_gets_openai_errors() {
     let r = post(r#"{"messages": [{"role": "wizard", "content": "x"}]}"#);
     assert_eq!(r.status, 400);
     assert!(r.body.contains("messages[0].role"), "{}", r.body);
+    // OpenAI's shape: `code` is a string or null, never the HTTP status.
+    assert!(r.json()["error"]["code"].is_null(), "{}", r.body);
     let r = post(r#"{"messages": [{"content": "x"}]}"#);
     assert_eq!(r.status, 400);
     assert!(r.body.contains("role"), "{}", r.body);
@@ -483,6 +534,8 @@ fn bad_input_gets_openai_errors() {
         let r = request(addr, "GET", path, &[], "").unwrap();
         assert_eq!(r.status, 404, "{path}");
         assert!(r.json()["error"]["message"].is_string());
+        let code = &r.json()["error"]["code"];
+        assert!(code.is_string() || code.is_null(), "{path}: {}", r.body);
     }
     let r = request(addr, "POST", "/v1/runs/run_nope/cancel", &[], "").unwrap();
     assert_eq!(r.status, 404);
@@ -493,6 +546,7 @@ fn bad_input_gets_openai_errors() {
     let r = request(addr, "GET", "/v1/chat/completions", &[], "").unwrap();
     assert_eq!(r.status, 405);
     assert!(r.json()["error"]["message"].is_string());
+    assert!(r.json()["error"]["code"].is_null(), "{}", r.body);
 
     // Still serving.
     assert_eq!(

@@ -125,6 +125,8 @@ fn a_run_survives_a_supervised_restart_and_no_request_fails() {
         first.stderr()
     );
     assert!(last.1.contains("gateway_restarting"), "{last:?}");
+    let error: serde_json::Value = serde_json::from_str(&last.1).unwrap();
+    assert!(error["error"]["code"].is_null(), "{last:?}");
 
     // The run completes in the second gateway.
     let end = Instant::now() + T;

@@ -1,6 +1,10 @@
 //! What the API and webhook benchmarks share: the closed-loop load generator (each
 //! keep-alive connection sends its next request when the last answer is in), its latency
 //! figures, and small helpers.
+//!
+//! Beside it, `reconnecting.rs` is the other load client: the light load the lifecycle
+//! benchmark keeps running through restarts, counting every failed request. Only that
+//! benchmark includes it (`#[path]`), so it is no submodule here.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,6 +7,7 @@ mod duration;
 mod paths;
 mod platforms;
 mod sections;
+mod template;
 mod webhook;
 
 use std::fmt;
@@ -25,6 +26,7 @@ pub use platforms::{
 pub use sections::{
     AgentBackend, AgentConfig, ApiConfig, ByteSize, KeySource, OpenAiConfig, Secret, SessionsConfig,
 };
+pub use template::{Part, Template, TemplateError};
 pub use webhook::{
     RateLimit, RouteConfig, SecretSource, SignatureScheme, TargetConfig, WebhookConfig,
 };

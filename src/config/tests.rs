@@ -346,3 +346,44 @@ fn telegram_configuration_errors_name_the_file_and_the_key() {
         assert!(!e.contains("AAabc_def"), "no secret in {e}");
     }
 }
+
+#[test]
+fn webhook_templates_are_parsed_with_the_configuration() {
+    let route = "[[webhook.routes]]\nname = \"gh\"\nscheme = \"github\"\nsecret = \"s\"\n";
+    let c = parse(&format!(
+        "{route}template = \"{{event}}: {{body.action}}\"\nsession = \"repo-{{body.repo}}\"\n"
+    ))
+    .expect("valid");
+    let r = &c.webhook.routes[0];
+    assert_eq!(
+        r.template,
+        Template::parse("{event}: {body.action}").unwrap()
+    );
+    assert!(r.template.needs_json());
+    assert_eq!(
+        r.session,
+        Some(Template::parse("repo-{body.repo}").unwrap())
+    );
+    // Left out: the default prompt, and a session of its own per delivery.
+    let c = parse(route).expect("valid");
+    assert_eq!(
+        c.webhook.routes[0].template,
+        Template::parse(webhook::DEFAULT_TEMPLATE).unwrap()
+    );
+    assert_eq!(c.webhook.routes[0].session, None);
+
+    for (key, line) in [
+        ("template", "template = \"{body.\"\n"),
+        ("session", "session = \"{nope}\"\n"),
+    ] {
+        let text = parse(&format!("{route}{line}")).unwrap_err().to_string();
+        assert!(
+            text.contains(&format!("`webhook.routes[0].{key}`")),
+            "{key}: {text}"
+        );
+    }
+    let text = parse(&format!("{route}session = \"{{nope}}\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("unknown placeholder `{nope}`"), "{text}");
+}

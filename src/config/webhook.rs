@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::sections::{ByteSize, KeySource, Secret};
+use super::template::Template;
 use super::{HumanDuration, ListenAddr};
 
 type SectionError = (String, String);
@@ -136,9 +137,10 @@ pub struct RouteConfig {
     /// The header naming the event.
     pub event_header: Option<String>,
     pub insecure: bool,
-    pub template: String,
+    /// The turn's prompt.
+    pub template: Template,
     /// `None`: a session of its own per delivery; else a key template.
-    pub session: Option<String>,
+    pub session: Option<Template>,
     pub target: TargetConfig,
     pub rate_limit: Option<RateLimit>,
     pub max_body: Option<u64>,
@@ -351,15 +353,14 @@ pub(super) fn webhook(f: FileWebhook, listen: &ListenAddr) -> Result<WebhookConf
             SignatureScheme::StandardWebhooks => (Some("webhook-id".into()), r.event_header),
             SignatureScheme::Token => (r.id_header, r.event_header),
         };
-        let template = r.template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned());
-        if let Err(e) = crate::gateway::webhooks::template::Template::parse(&template) {
-            return Err((format!("{key}.template"), e));
-        }
-        if let Some(s) = &r.session
-            && let Err(e) = crate::gateway::webhooks::template::Template::parse(s)
-        {
-            return Err((format!("{key}.session"), e));
-        }
+        let template = Template::parse(r.template.as_deref().unwrap_or(DEFAULT_TEMPLATE))
+            .map_err(|e| (format!("{key}.template"), e.to_string()))?;
+        let session = match &r.session {
+            Some(s) => {
+                Some(Template::parse(s).map_err(|e| (format!("{key}.session"), e.to_string()))?)
+            }
+            None => None,
+        };
         let target = match r.target {
             None => TargetConfig::Log,
             Some(t) => match t.kind {
@@ -413,7 +414,7 @@ pub(super) fn webhook(f: FileWebhook, listen: &ListenAddr) -> Result<WebhookConf
             event_header,
             insecure: r.insecure,
             template,
-            session: r.session,
+            session,
             target,
             rate_limit,
             max_body: r.max_body.map(|b| b.0),

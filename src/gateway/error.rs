@@ -1,4 +1,5 @@
-//! JSON errors in the OpenAI shape: `{"error": {"message", "type", "code"}}`.
+//! JSON errors in the OpenAI shape: `{"error": {"message", "type", "code"}}`, where `code`
+//! is a string (`"invalid_api_key"`, `"rate_limit_exceeded"`) or null, never a number.
 
 use axum::Json;
 use axum::http::{StatusCode, Uri};
@@ -10,7 +11,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub kind: &'static str,
     pub message: String,
-    /// A machine-readable code (`invalid_api_key`); the status number when absent.
+    /// A machine-readable code (`invalid_api_key`); `null` in the body when absent.
     pub code: Option<&'static str>,
 }
 
@@ -48,10 +49,7 @@ impl ApiError {
             "error": {
                 "message": self.message,
                 "type": self.kind,
-                "code": match self.code {
-                    Some(c) => Value::from(c),
-                    None => Value::from(self.status.as_u16()),
-                },
+                "code": self.code,
             }
         })
     }
@@ -69,4 +67,26 @@ pub async fn not_found(uri: Uri) -> ApiError {
         "not_found",
         format!("no route for {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_is_a_string_or_null_never_the_status() {
+        let plain = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "bad");
+        assert_eq!(
+            plain.body(),
+            json!({"error": {"message": "bad", "type": "invalid_request_error", "code": null}})
+        );
+        let coded = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "no key")
+            .with_code("invalid_api_key");
+        assert_eq!(coded.body()["error"]["code"], "invalid_api_key");
+        assert_eq!(
+            ApiError::not_found("run", "x").body()["error"]["code"],
+            "not_found"
+        );
+        assert!(ApiError::internal("boom").body()["error"]["code"].is_null());
+    }
 }

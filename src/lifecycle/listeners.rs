@@ -171,8 +171,17 @@ pub fn acquire(
         if set.has(name) || *addr == ListenAddr::Off {
             continue;
         }
-        for (fd, address) in super::launchd::activate(name, notes) {
-            push(&mut set, name, Origin::Launchd, address, fd);
+        match super::launchd::activate(name) {
+            Ok(fds) => {
+                for fd in fds {
+                    let address = local_address(&fd);
+                    push(&mut set, name, Origin::Launchd, address, fd);
+                }
+            }
+            Err(e) => notes.push((
+                tracing::Level::WARN,
+                format!("launch_activate_socket({name}) failed: {e}"),
+            )),
         }
         if set.has(name) {
             continue;
@@ -283,7 +292,7 @@ fn is_unix(fd: &OwnedFd) -> bool {
 }
 
 /// The local address of a listening socket, formatted as the configuration writes it.
-pub fn local_address(fd: &impl AsRawFd) -> String {
+fn local_address(fd: &impl AsRawFd) -> String {
     match getsockname::<SockaddrStorage>(fd.as_raw_fd()) {
         Ok(a) => {
             if let Some(v4) = a.as_sockaddr_in() {

@@ -150,6 +150,8 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// Brings the schema to [`SCHEMA_VERSION`]. A new database (version 0) logs one line, that
+/// it was created at that version; an older one logs each migration applied.
 pub fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -164,6 +166,7 @@ pub fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             known: SCHEMA_VERSION,
         });
     }
+    let new = found <= 0;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
         let version = i as i64 + 1;
         let err = |source| StoreError::Migrate {
@@ -176,10 +179,100 @@ pub fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         tx.pragma_update(None, "user_version", version)
             .map_err(err)?;
         tx.commit().map_err(err)?;
+        if !new {
+            tracing::info!(
+                "database {}: migrated to schema version {version}",
+                path.display()
+            );
+        }
+    }
+    if new {
         tracing::info!(
-            "database {}: migrated to schema version {version}",
+            "database {}: created at schema version {SCHEMA_VERSION}",
             path.display()
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use super::*;
+
+    /// Runs `f` with a subscriber that writes info lines (no time, no colour) to a buffer.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = buf.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    fn version(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_new_database_logs_one_line_with_its_version() {
+        let path = Path::new("/state/gateway.db");
+        let mut conn = Connection::open_in_memory().unwrap();
+        let log = logged(|| apply(&mut conn, path).unwrap());
+        assert_eq!(version(&conn), SCHEMA_VERSION);
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].ends_with(&format!(
+                "database /state/gateway.db: created at schema version {SCHEMA_VERSION}"
+            )),
+            "{log}"
+        );
+        // Opened again: nothing to do, nothing logged.
+        assert_eq!(logged(|| apply(&mut conn, path).unwrap()), "");
+    }
+
+    #[test]
+    fn an_older_database_logs_each_migration() {
+        let path = Path::new("/state/gateway.db");
+        let mut conn = Connection::open_in_memory().unwrap();
+        // A database an older release left at version 3.
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        let log = logged(|| apply(&mut conn, path).unwrap());
+        assert_eq!(version(&conn), SCHEMA_VERSION);
+        let migrated: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split_once("database /state/gateway.db: ").map(|(_, m)| m))
+            .collect();
+        let expected: Vec<String> = (4..=SCHEMA_VERSION)
+            .map(|v| format!("migrated to schema version {v}"))
+            .collect();
+        assert_eq!(migrated, expected, "{log}");
+        assert_eq!(log.lines().count(), expected.len(), "{log}");
+    }
 }

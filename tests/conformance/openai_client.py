@@ -67,11 +67,18 @@ def main() -> int:
         raise AssertionError("a wrong key was accepted")
     except openai.AuthenticationError as e:
         assert e.status_code == 401, e
+        assert e.code == "invalid_api_key", e.code
     try:
         client.chat.completions.create(model="hermes-agent", messages=[])
         raise AssertionError("empty messages were accepted")
     except openai.BadRequestError as e:
         assert "messages" in str(e), e
+        assert e.code is None, e.code
+    try:
+        client.chat.completions.create(model="hermes-agent", messages=[{"role": "user"}])
+        raise AssertionError("a user message without content was accepted")
+    except openai.BadRequestError as e:
+        assert "messages[0].content" in str(e), e
 
     print("conformance: all checks passed with openai", openai.__version__)
     return 0

@@ -190,6 +190,13 @@ async fn completions_inner(
             ))
             .into_response());
         }
+        // Only an assistant turn (one that calls tools) may come without content.
+        if m.role == "user" && matches!(m.content, Content::Null) {
+            return Err(bad_request(format!(
+                "invalid field `messages[{i}].content`: a user message needs content, a string or an array of parts"
+            ))
+            .into_response());
+        }
     }
     let session_id = match headers.get(SESSION_HEADER) {
         None => None,

@@ -248,6 +248,7 @@ fn busy(e: &super::sessions::Busy) -> Response {
         "rate_limit_error",
         e.to_string(),
     )
+    .with_code("rate_limit_exceeded")
     .into_response();
     r.headers_mut().insert(
         http::header::RETRY_AFTER,

@@ -10,10 +10,10 @@ use axum::body::{Body, Bytes};
 use axum::response::Response;
 use http::{HeaderValue, StatusCode, header};
 use hyper::body::Frame;
-use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::gateway::error::ApiError;
 use crate::lifecycle::Shutdown;
 
 /// How long before the drain deadline a stream is ended, so the event reaches the client
@@ -73,13 +73,12 @@ pub fn event(id: Option<i64>, name: Option<&str>, data: &str) -> Bytes {
 
 /// The error event that ends a stream cut by a restart or stop.
 pub fn restarting_event() -> Bytes {
-    let data = json!({
-        "error": {
-            "message": "the gateway is restarting; retry the request (a run goes on after the restart: GET /v1/runs/{id}/events)",
-            "type": "gateway_restarting",
-            "code": 503,
-        }
-    });
+    let data = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "gateway_restarting",
+        "the gateway is restarting; retry the request (a run goes on after the restart: GET /v1/runs/{id}/events)",
+    )
+    .body();
     event(None, Some("error"), &data.to_string())
 }
 
@@ -94,5 +93,27 @@ pub async fn restart_notice(mut shutdown: Shutdown) {
             return;
         }
         tokio::time::sleep((at - now).min(Duration::from_millis(100))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_restarting_event_is_an_openai_error_with_a_null_code() {
+        let raw = restarting_event();
+        let text = std::str::from_utf8(&raw).unwrap();
+        let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+        assert!(text.starts_with("event: error\n"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["error"]["type"], "gateway_restarting");
+        assert!(v["error"]["code"].is_null(), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("restarting")
+        );
     }
 }

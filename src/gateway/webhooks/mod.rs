@@ -23,16 +23,14 @@ use serde_json::{Value, json};
 use super::deliveries::{Acceptance, DeliveryLedger, NewDelivery, Target};
 use super::ids::new_id;
 use super::rate::TokenBucket;
-use crate::config::{RouteConfig, Secret, SignatureScheme, TargetConfig, WebhookConfig};
-use template::{Input, Template};
+use crate::config::{RouteConfig, Secret, SignatureScheme, TargetConfig, Template, WebhookConfig};
+use template::{Input, render};
 
 /// One route, with its secrets read.
 struct Route {
     cfg: RouteConfig,
     /// The scheme's key: the secret's bytes (whsec_ decoded for standard-webhooks).
     key: Option<Vec<u8>>,
-    template: Template,
-    session: Option<Template>,
     target: Target,
     bucket: Option<Mutex<TokenBucket>>,
 }
@@ -86,23 +84,12 @@ pub fn build_routes(
                 Target::Http { url: url.clone() }
             }
         };
-        let template = Template::parse(&r.template)
-            .map_err(|e| format!("[[webhook.routes]] `{}`: template: {e}", r.name))?;
-        let session = match &r.session {
-            Some(s) => Some(
-                Template::parse(s)
-                    .map_err(|e| format!("[[webhook.routes]] `{}`: session: {e}", r.name))?,
-            ),
-            None => None,
-        };
         let bucket = r.rate_limit.map(|rl| Mutex::new(TokenBucket::new(rl)));
         routes.insert(
             r.name.clone(),
             Arc::new(Route {
                 cfg: r.clone(),
                 key,
-                template,
-                session,
                 target,
                 bucket,
             }),
@@ -281,8 +268,8 @@ async fn receive(
         .unwrap_or("")
         .escape_default()
         .to_string();
-    let needs_json =
-        route.template.needs_json() || route.session.as_ref().is_some_and(Template::needs_json);
+    let needs_json = route.cfg.template.needs_json()
+        || route.cfg.session.as_ref().is_some_and(Template::needs_json);
     let json: Option<Value> = if needs_json {
         match serde_json::from_slice(&body) {
             Ok(v) => Some(v),
@@ -315,13 +302,13 @@ async fn receive(
             &source_id,
         )
     };
-    let prompt = match route.template.render(&input) {
+    let prompt = match render(&route.cfg.template, &input) {
         Ok(p) => p,
         Err(e) => return unusable("template", e),
     };
-    let session_id = match &route.session {
+    let session_id = match &route.cfg.session {
         None => None,
-        Some(t) => match t.render(&input) {
+        Some(t) => match render(t, &input) {
             Ok(s) if !s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic()) => {
                 Some(s)
             }
