@@ -243,6 +243,9 @@ pub struct PairingRevokeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PlatformsCommand {
+    /// Check a platform instance's credentials with the platform's cheapest authenticated
+    /// call (Telegram: getMe); exit 0 when they work.
+    Check(PlatformCheckArgs),
     /// Telegram: register or remove the webhook of a `[[platforms.telegram]]` instance.
     #[command(subcommand)]
     Telegram(TelegramCommand),
@@ -272,4 +275,15 @@ pub struct SetWebhookArgs {
     /// /platforms/telegram/NAME.
     #[arg(long)]
     pub url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PlatformCheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The instance's `name`.
+    pub name: String,
+    /// The platform, when several have an instance of that name (`telegram`, …).
+    #[arg(long)]
+    pub platform: Option<String>,
 }

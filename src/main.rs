@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         Command::Pairing(PairingCommand::List(args)) => commands::pairing::list(&args),
         Command::Pairing(PairingCommand::Approve(args)) => commands::pairing::approve(&args),
         Command::Pairing(PairingCommand::Revoke(args)) => commands::pairing::revoke(&args),
+        Command::Platforms(PlatformsCommand::Check(args)) => commands::platforms::check(&args),
         Command::Platforms(PlatformsCommand::Telegram(TelegramCommand::SetWebhook(args))) => {
             commands::platforms::set_webhook(&args)
         }

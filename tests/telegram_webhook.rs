@@ -164,6 +164,18 @@ fn set_webhook_and_delete_webhook_use_the_configured_token_and_secret() {
         "http://x",
     ]);
     assert_eq!(out.status.code(), Some(78));
+
+    // `platforms check` asks getMe with the configured token.
+    let out = run(&["platforms", "check", "main"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("@{BOT_USERNAME}")), "{said}");
+    let out = run(&["platforms", "check", "nope"]);
+    assert_eq!(out.status.code(), Some(78));
 }
 
 #[test]

@@ -1,8 +1,9 @@
-//! `hermes-gateway platforms telegram set-webhook|delete-webhook NAME`: the Bot API calls
-//! a webhook-mode user needs, made with the configured token and secret, so that nobody
-//! has to paste a token into curl.
+//! `hermes-gateway platforms check NAME` (a platform instance's credentials, checked with
+//! the platform's cheapest authenticated call) and `platforms telegram set-webhook|
+//! delete-webhook NAME`: the calls a user needs, made with the configured secrets, so that
+//! nobody has to paste a token into curl.
 
-use crate::cli::{SetWebhookArgs, TelegramNameArgs};
+use crate::cli::{PlatformCheckArgs, SetWebhookArgs, TelegramNameArgs};
 use crate::config::{Config, TelegramConfig};
 use crate::gateway::platforms::telegram::api::BotApi;
 use crate::lifecycle::ExitStatus;
@@ -117,6 +118,71 @@ pub fn delete_webhook(args: &TelegramNameArgs) -> ExitStatus {
             "telegram `{}`: webhook removed; pending updates were kept for polling",
             t.name
         );
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitStatus::Stopped,
+        Err(s) => s,
+    }
+}
+
+/// The instances named `name` (of `platform`, if given): (platform, what to check).
+enum Checked {
+    Telegram(TelegramConfig),
+}
+
+pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
+    let run = || -> Result<(), ExitStatus> {
+        let config = Config::load_or_default(args.config.config.as_deref()).map_err(|e| {
+            eprintln!("hermes-gateway: {e}");
+            ExitStatus::Config
+        })?;
+        let wanted = |p: &str| args.platform.as_deref().is_none_or(|w| w == p);
+        let mut found: Vec<Checked> = Vec::new();
+        if wanted("telegram") {
+            found.extend(
+                config
+                    .platforms
+                    .telegram
+                    .iter()
+                    .filter(|t| t.name == args.name)
+                    .cloned()
+                    .map(Checked::Telegram),
+            );
+        }
+        let one = match found.len() {
+            0 => {
+                eprintln!(
+                    "hermes-gateway: {} has no platform instance named `{}`",
+                    config.origin(),
+                    args.name
+                );
+                return Err(ExitStatus::Config);
+            }
+            1 => found.remove(0),
+            _ => {
+                eprintln!(
+                    "hermes-gateway: several platforms have an instance named `{}`: say which with --platform",
+                    args.name
+                );
+                return Err(ExitStatus::Config);
+            }
+        };
+        let rt = runtime()?;
+        match one {
+            Checked::Telegram(t) => {
+                let me = rt.block_on(api(&t)?.get_me()).map_err(|e| {
+                    eprintln!("hermes-gateway: telegram `{}`: {e}", t.name);
+                    ExitStatus::Fatal
+                })?;
+                println!(
+                    "telegram `{}`: the token works: the bot is @{} (id {})",
+                    t.name,
+                    me["username"].as_str().unwrap_or("?"),
+                    me["id"]
+                );
+            }
+        }
         Ok(())
     };
     match run() {

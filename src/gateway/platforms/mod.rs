@@ -70,15 +70,21 @@ pub trait Adapter: Send + Sync + 'static {
     /// The most one message may hold, as [`Adapter::unit`] counts.
     fn max_len(&self) -> usize;
     fn unit(&self) -> chunk::Unit;
-    /// Sends one part; `first`: the reply's first part (it quotes the user's message).
-    fn send_part<'a>(
-        &'a self,
-        target: &'a ChatTarget,
-        text: &'a str,
-        first: bool,
-    ) -> SendFuture<'a>;
-    /// "typing…" in the chat, best effort.
+    /// Sends one part of a reply.
+    fn send_part<'a>(&'a self, target: &'a ChatTarget, part: Part<'a>) -> SendFuture<'a>;
+    /// "typing…" in the chat, best effort (a platform without it does nothing).
     fn typing<'a>(&'a self, target: &'a ChatTarget) -> Typing<'a>;
+}
+
+/// One part of a reply, as an adapter sends it.
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    pub text: &'a str,
+    /// 0 for the first part (which quotes the user's message, where the platform can).
+    pub index: usize,
+    /// The reply's ledger id: stable across attempts and restarts, so a platform that
+    /// deduplicates requests (LINE's `X-Line-Retry-Key`) can be given a stable key.
+    pub delivery_id: &'a str,
 }
 
 pub type Typing<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -111,10 +117,13 @@ struct Health {
 }
 
 impl Instance {
+    /// `words`: the platform has no slash commands; `new`, `stop`, … alone in a message
+    /// are the commands.
     fn new(
         platform: &'static str,
         name: &str,
         mode: &'static str,
+        words: bool,
         access: &AccessConfig,
         chat_limit: RateLimit,
     ) -> Arc<Self> {
@@ -123,7 +132,7 @@ impl Instance {
             name: name.to_owned(),
             key: format!("{platform}:{name}"),
             mode,
-            words: false,
+            words,
             access: RwLock::new(Arc::new(access.clone())),
             chat_limit: RwLock::new(Arc::new(KeyedBuckets::new(chat_limit))),
             flooded: Mutex::new(HashSet::new()),

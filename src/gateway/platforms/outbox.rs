@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use super::{Adapter, Instance, Typing, chunk};
+use super::{Adapter, Instance, Part, Typing, chunk};
 use crate::gateway::deliveries::chat::{RESENT_MARKER, SendFuture};
 use crate::gateway::deliveries::{ChatDelivery, ChatOutbox, ChatTarget};
 use crate::gateway::rate::TokenBucket;
@@ -50,7 +50,12 @@ impl<A: Adapter> ChatOutbox for Outbox<A> {
                     part.clone()
                 };
                 self.paced().await;
-                match self.adapter.send_part(d.target, &text, i == 0).await {
+                let part = Part {
+                    text: &text,
+                    index: i,
+                    delivery_id: d.delivery_id,
+                };
+                match self.adapter.send_part(d.target, part).await {
                     Ok(_) => {
                         self.instance.ok(self.instance.mode);
                         (d.on_part)(i + 1);

@@ -18,7 +18,7 @@ use http::StatusCode;
 use serde_json::{Value, json};
 
 use super::webhook::{Refused, Reply, Request, Taken, WebhookInbox};
-use super::{Adapter, Inbound, Instance, Platforms, chunk};
+use super::{Adapter, Inbound, Instance, Part, Platforms, chunk};
 use crate::config::{GroupSessions, RateLimit, Secret, TelegramConfig, TelegramMode};
 use crate::gateway::deliveries::ChatTarget;
 use crate::gateway::deliveries::chat::SendFuture;
@@ -95,6 +95,7 @@ impl Telegram {
                 "telegram",
                 &cfg.name,
                 mode,
+                false,
                 &cfg.access,
                 cfg.chat_rate_limit,
             ),
@@ -556,12 +557,8 @@ impl Adapter for Telegram {
         chunk::utf16
     }
 
-    fn send_part<'a>(
-        &'a self,
-        target: &'a ChatTarget,
-        text: &'a str,
-        first: bool,
-    ) -> SendFuture<'a> {
+    fn send_part<'a>(&'a self, target: &'a ChatTarget, part: Part<'a>) -> SendFuture<'a> {
+        let (text, first) = (part.text, part.index == 0);
         Box::pin(async move {
             let timeout = Duration::from_secs(30);
             let mut body = json!({"chat_id": id_value(&target.chat_id), "text": text});

@@ -1,44 +1,18 @@
-//! `[[platforms.telegram]]` (and the platforms to come): which chat platforms the gateway
-//! serves, with which credentials, and who may talk to the agent through them.
+//! `[[platforms.telegram]]`: a bot's token, polling or webhook, and Telegram's own knobs.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::HumanDuration;
-use super::sections::Secret;
-use super::webhook::{RateLimit, SecretSource, rate, secret_source, valid_route_name};
-
-type SectionError = (String, String);
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct FilePlatforms {
-    #[serde(default)]
-    telegram: Vec<FileTelegram>,
-}
-
-/// A platform's user id: Telegram's are numbers, other platforms' are strings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum UserId {
-    Number(i64),
-    Text(String),
-}
-
-impl UserId {
-    fn into_string(self) -> String {
-        match self {
-            UserId::Number(n) => n.to_string(),
-            UserId::Text(s) => s,
-        }
-    }
-}
+use super::super::HumanDuration;
+use super::super::sections::Secret;
+use super::super::webhook::{RateLimit, SecretSource, secret_source, valid_route_name};
+use super::{AccessConfig, DEFAULT_CHAT_RATE, SectionError, UserId, access, http_url, rate_limit};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileTelegram {
+pub(super) struct FileTelegram {
     name: String,
     token: Option<Secret>,
     token_file: Option<PathBuf>,
@@ -81,19 +55,6 @@ pub enum GroupSessions {
     Shared,
 }
 
-/// Who may talk to the agent through one platform instance. Deny by default.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AccessConfig {
-    /// The platform's user ids allowed.
-    pub allowed_users: Vec<String>,
-    /// Everyone may.
-    pub allow_all: bool,
-    /// An unknown user gets a one-time code for the operator to approve.
-    pub pairing: bool,
-    /// May use `/restart` (and are allowed).
-    pub admins: Vec<String>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelegramConfig {
     pub name: String,
@@ -116,78 +77,14 @@ pub struct TelegramConfig {
     pub markdown: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PlatformsConfig {
-    pub telegram: Vec<TelegramConfig>,
-}
-
-impl PlatformsConfig {
-    pub fn is_empty(&self) -> bool {
-        self.telegram.is_empty()
-    }
-}
-
 pub const DEFAULT_TELEGRAM_API: &str = "https://api.telegram.org";
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(50);
-/// A person types a few messages a minute; a flood is far beyond.
-pub const DEFAULT_CHAT_RATE: RateLimit = RateLimit {
-    count: 20,
-    per: Duration::from_secs(60),
-    burst: 20,
-};
 /// Telegram's broadcast limit: about 30 messages a second per bot.
 pub const DEFAULT_TELEGRAM_SEND_RATE: RateLimit = RateLimit {
     count: 30,
     per: Duration::from_secs(1),
     burst: 30,
 };
-
-fn users(v: Option<Vec<UserId>>, key: &str) -> Result<Vec<String>, SectionError> {
-    let mut out = Vec::new();
-    for (i, u) in v.unwrap_or_default().into_iter().enumerate() {
-        let s = u.into_string();
-        if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err((
-                format!("{key}[{i}]"),
-                format!(
-                    "`{}` is not a user id: a platform's user id, e.g. 123456789",
-                    s.escape_default()
-                ),
-            ));
-        }
-        out.push(s);
-    }
-    Ok(out)
-}
-
-fn rate_limit(s: Option<String>, default: RateLimit, key: &str) -> Result<RateLimit, SectionError> {
-    match s {
-        None => Ok(default),
-        Some(s) => {
-            let (count, per) = rate(&s).ok_or((
-                key.to_owned(),
-                format!("`{s}` is not a rate: expected \"N/s\", \"N/min\" or \"N/h\""),
-            ))?;
-            Ok(RateLimit {
-                count,
-                per,
-                burst: count,
-            })
-        }
-    }
-}
-
-fn http_url(url: &str, key: &str) -> Result<String, SectionError> {
-    if !(url.starts_with("http://") || url.starts_with("https://"))
-        || url.parse::<http::Uri>().is_err()
-    {
-        return Err((
-            key.to_owned(),
-            format!("`{url}` is not an http:// or https:// URL"),
-        ));
-    }
-    Ok(url.trim_end_matches('/').to_owned())
-}
 
 /// Telegram's `secret_token`: 1–256 characters of `A-Z a-z 0-9 _ -`.
 fn check_telegram_secret(s: &SecretSource, key: &str) -> Result<(), SectionError> {
@@ -208,9 +105,9 @@ fn check_telegram_secret(s: &SecretSource, key: &str) -> Result<(), SectionError
     Ok(())
 }
 
-pub(super) fn platforms(f: FilePlatforms) -> Result<PlatformsConfig, SectionError> {
-    let mut telegram: Vec<TelegramConfig> = Vec::with_capacity(f.telegram.len());
-    for (i, t) in f.telegram.into_iter().enumerate() {
+pub(super) fn telegram(list: Vec<FileTelegram>) -> Result<Vec<TelegramConfig>, SectionError> {
+    let mut telegram: Vec<TelegramConfig> = Vec::with_capacity(list.len());
+    for (i, t) in list.into_iter().enumerate() {
         let key = format!("platforms.telegram[{i}]");
         if !valid_route_name(&t.name) {
             return Err((
@@ -266,14 +163,7 @@ pub(super) fn platforms(f: FilePlatforms) -> Result<PlatformsConfig, SectionErro
                 ),
             ));
         }
-        let allowed_users = users(t.allowed_users, &format!("{key}.allowed_users"))?;
-        if t.allow_all && !allowed_users.is_empty() {
-            return Err((
-                format!("{key}.allow_all"),
-                "allow_all = true lets everyone in, which makes allowed_users meaningless: keep one of them".into(),
-            ));
-        }
-        let admins = users(t.admins, &format!("{key}.admins"))?;
+        let access = access(&key, t.allowed_users, t.allow_all, t.pairing, t.admins)?;
         let api_base = http_url(
             t.api_base.as_deref().unwrap_or(DEFAULT_TELEGRAM_API),
             &format!("{key}.api_base"),
@@ -303,12 +193,7 @@ pub(super) fn platforms(f: FilePlatforms) -> Result<PlatformsConfig, SectionErro
             mode,
             api_base,
             webhook_secret,
-            access: AccessConfig {
-                allowed_users,
-                allow_all: t.allow_all,
-                pairing: t.pairing,
-                admins,
-            },
+            access,
             group_sessions: t.group_sessions.unwrap_or(GroupSessions::PerUser),
             username: t.username.map(|u| u.trim_start_matches('@').to_owned()),
             chat_rate_limit: rate_limit(
@@ -325,7 +210,7 @@ pub(super) fn platforms(f: FilePlatforms) -> Result<PlatformsConfig, SectionErro
             markdown: t.markdown.unwrap_or(true),
         });
     }
-    Ok(PlatformsConfig { telegram })
+    Ok(telegram)
 }
 
 /// `123456789:AAE…`: the bot's id, a colon, the secret part.
