@@ -46,6 +46,10 @@ pub enum Command {
     /// Chat users who asked to pair, approvals and revocations, over the control socket.
     #[command(subcommand)]
     Pairing(PairingCommand),
+    /// Scheduled runs: list them (next and last run), or run one now, over the control
+    /// socket.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Talk to a chat platform's API with the configured credentials.
     #[command(subcommand)]
     Platforms(PlatformsCommand),
@@ -286,4 +290,20 @@ pub struct PlatformCheckArgs {
     /// The platform, when several have an instance of that name (`telegram`, …).
     #[arg(long)]
     pub platform: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Each schedule: its expression and zone, the next slot, the last run and its outcome.
+    List(ControlArgs),
+    /// Run a schedule now, once, besides its timetable.
+    Run(ScheduleRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ScheduleRunArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The schedule's `name`.
+    pub name: String,
 }

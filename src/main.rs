@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use hermes_gateway::cli::{
-    Cli, Command, DeliveriesCommand, PairingCommand, PlatformsCommand, ServiceCommand,
-    TelegramCommand,
+    Cli, Command, DeliveriesCommand, PairingCommand, PlatformsCommand, ScheduleCommand,
+    ServiceCommand, TelegramCommand,
 };
 use hermes_gateway::lifecycle::{self, RunOptions, activation::ActivationEnv};
 use hermes_gateway::{commands, gateway};
@@ -45,6 +45,8 @@ fn main() -> ExitCode {
         Command::Pairing(PairingCommand::List(args)) => commands::pairing::list(&args),
         Command::Pairing(PairingCommand::Approve(args)) => commands::pairing::approve(&args),
         Command::Pairing(PairingCommand::Revoke(args)) => commands::pairing::revoke(&args),
+        Command::Schedule(ScheduleCommand::List(args)) => commands::schedule::list(&args),
+        Command::Schedule(ScheduleCommand::Run(args)) => commands::schedule::run(&args),
         Command::Platforms(PlatformsCommand::Check(args)) => commands::platforms::check(&args),
         Command::Platforms(PlatformsCommand::Telegram(TelegramCommand::SetWebhook(args))) => {
             commands::platforms::set_webhook(&args)

@@ -7,5 +7,6 @@ pub mod man;
 pub mod manage;
 pub mod pairing;
 pub mod platforms;
+pub mod schedule;
 pub mod service;
 pub mod status;

@@ -97,6 +97,12 @@ fn render(v: &serde_json::Value) -> String {
             out.push('\n');
         }
     }
+    if let (Some(name), Some(at)) = (
+        v["next_schedule"]["name"].as_str(),
+        v["next_schedule"]["at"].as_str(),
+    ) {
+        out.push_str(&format!("  next schedule: {name} at {at}\n"));
+    }
     if let Some(r) = v["last_reload"].as_object() {
         match r.get("error").and_then(|e| e.as_str()) {
             Some(e) => out.push_str(&format!("  last reload FAILED: {e}\n")),

@@ -6,6 +6,7 @@
 mod duration;
 mod paths;
 mod platforms;
+pub mod schedule;
 mod sections;
 mod template;
 mod webhook;
@@ -23,6 +24,7 @@ pub use platforms::{
     AccessConfig, GroupSessions, PlatformsConfig, TelegramConfig, TelegramMode,
     looks_like_bot_token,
 };
+pub use schedule::{Deliver, Missed, ScheduleConfig};
 pub use sections::{
     AgentBackend, AgentConfig, ApiConfig, ByteSize, KeySource, OpenAiConfig, Secret, SessionsConfig,
 };
@@ -104,6 +106,7 @@ pub struct Config {
     pub sessions: SessionsConfig,
     pub webhook: WebhookConfig,
     pub platforms: PlatformsConfig,
+    pub schedules: Vec<ScheduleConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +189,8 @@ struct FileConfig {
     webhook: webhook::FileWebhook,
     #[serde(default)]
     platforms: platforms::FilePlatforms,
+    #[serde(default)]
+    schedule: Vec<schedule::FileSchedule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -346,6 +351,17 @@ impl Config {
         let webhook =
             webhook::webhook(f.webhook, &webhook_listen).map_err(|(k, m)| invalid(&k, m))?;
         let platforms = platforms::platforms(f.platforms).map_err(|(k, m)| invalid(&k, m))?;
+        let schedules = schedule::schedules(f.schedule).map_err(|(k, m)| invalid(&k, m))?;
+        for (i, s) in schedules.iter().enumerate() {
+            if let Deliver::Chat { platform, name, .. } = &s.deliver
+                && !platforms.has(platform, name)
+            {
+                return Err(invalid(
+                    &format!("schedule[{i}].deliver"),
+                    format!("no [[platforms.{platform}]] named `{name}` is configured"),
+                ));
+            }
+        }
         Ok(Config {
             source: path.map(Path::to_path_buf),
             listen: Listen {
@@ -370,6 +386,7 @@ impl Config {
             sessions,
             webhook,
             platforms,
+            schedules,
         })
     }
 

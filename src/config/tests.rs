@@ -387,3 +387,69 @@ fn webhook_templates_are_parsed_with_the_configuration() {
         .to_string();
     assert!(text.contains("unknown placeholder `{nope}`"), "{text}");
 }
+
+#[test]
+fn schedules_take_their_defaults_and_their_errors_name_the_key() {
+    let c = parse(
+        "[[schedule]]\nname = \"brief\"\ncron = \"0 8 * * 1-5\"\ntimezone = \"Europe/Berlin\"\nprompt = \"Summarise.\"\n",
+    )
+    .expect("valid");
+    let s = &c.schedules[0];
+    assert_eq!(s.missed, Missed::RunOnce);
+    assert_eq!(s.deliver, Deliver::Log);
+    assert_eq!(s.session, None);
+    assert_eq!(s.route(), "schedule:brief");
+    let base = "[[schedule]]\nname = \"b\"\nprompt = \"p\"\n";
+    for (text, key, why) in [
+        (
+            format!("{base}cron = \"61 * * * *\"\n"),
+            "schedule[0].cron",
+            "not a cron expression",
+        ),
+        (
+            format!("{base}cron = \"@hourly\"\ntimezone = \"Mars/Olympus\"\n"),
+            "schedule[0].timezone",
+            "IANA",
+        ),
+        (
+            format!("{base}cron = \"@daily\"\nmissed = \"sometimes\"\n"),
+            "schedule[0].missed",
+            "run_once",
+        ),
+        (
+            format!("{base}cron = \"@daily\"\ndeliver = {{ type = \"http\" }}\n"),
+            "schedule[0].deliver.url",
+            "needs url",
+        ),
+        (
+            format!(
+                "{base}cron = \"@daily\"\ndeliver = {{ platform = \"telegram\", name = \"main\", chat = 1 }}\n"
+            ),
+            "schedule[0].deliver",
+            "no [[platforms.telegram]] named `main`",
+        ),
+        (
+            format!("{base}cron = \"@daily\"\n{base}cron = \"@daily\"\n"),
+            "schedule[1].name",
+            "defined twice",
+        ),
+    ] {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(key), "{key}: {e}");
+        assert!(e.contains(why), "{why}: {e}");
+    }
+    // Seconds are allowed (six fields), and chat deliveries name a configured instance.
+    let c = parse(&format!(
+        "{TG}[[schedule]]\nname = \"s\"\ncron = \"*/2 * * * * *\"\nprompt = \"p\"\ndeliver = {{ platform = \"telegram\", name = \"main\", chat = 42 }}\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.schedules[0].deliver,
+        Deliver::Chat {
+            platform: "telegram".into(),
+            name: "main".into(),
+            chat: "42".into(),
+            thread: None
+        }
+    );
+}

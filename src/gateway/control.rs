@@ -11,34 +11,71 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::platforms::Platforms;
+use super::schedules::Schedules;
 use crate::lifecycle::LifecycleHandle;
 
 #[derive(Clone)]
 struct Control {
     lifecycle: LifecycleHandle,
     platforms: Platforms,
+    schedules: Schedules,
 }
 
-pub fn router(lifecycle: LifecycleHandle, platforms: Platforms) -> Router {
+pub fn router(lifecycle: LifecycleHandle, platforms: Platforms, schedules: Schedules) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/health", get(status))
         .route("/pairing", get(pairing_list))
         .route("/pairing/{code}/approve", post(approve))
         .route("/pairing/revoke/{user}", post(revoke))
+        .route("/schedules", get(schedule_list))
+        .route("/schedules/{name}/run", post(schedule_run))
         .with_state(Control {
             lifecycle,
             platforms,
+            schedules,
         })
 }
 
-/// The lifecycle's report, with each chat platform's state.
+/// The lifecycle's report, with each chat platform's state and the schedule due next.
 async fn status(State(c): State<Control>) -> Response {
     let mut v = serde_json::to_value(c.lifecycle.report()).unwrap_or_default();
     if let Some(m) = v.as_object_mut() {
         m.insert("platforms".into(), c.platforms.status().await.into());
+        let next = c.schedules.next_due().map(|(name, at)| {
+            json!({"name": name, "at_unix_ms": at, "at": super::schedules::slot_id(at)})
+        });
+        m.insert("next_schedule".into(), next.unwrap_or_default());
     }
     Json(v).into_response()
+}
+
+async fn schedule_list(State(c): State<Control>) -> Result<Response, ApiError> {
+    let list = c
+        .schedules
+        .list()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({"object": "list", "data": list})).into_response())
+}
+
+async fn schedule_run(
+    State(c): State<Control>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    match c
+        .schedules
+        .run_now(&name)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+    {
+        Some(id) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "accepted", "schedule": name, "delivery_id": id})),
+        )
+            .into_response()),
+        None => Err(ApiError::not_found("schedule", &name)),
+    }
 }
 
 async fn pairing_list(State(c): State<Control>) -> Result<Response, ApiError> {

@@ -21,6 +21,7 @@ pub mod http_client;
 pub mod ids;
 pub mod platforms;
 pub mod rate;
+pub mod schedules;
 pub mod sessions;
 pub mod webhooks;
 
@@ -42,6 +43,7 @@ pub struct Gateway {
     webhooks: webhooks::Shared,
     ledger: deliveries::DeliveryLedger,
     platforms: platforms::Platforms,
+    schedules: schedules::Schedules,
 }
 
 /// A route without a secret is only allowed where the webhook listener is loopback (or a
@@ -64,6 +66,22 @@ fn check_insecure_routes(
         }
     }
     Ok(())
+}
+
+/// The webhook routes, and the keys that sign http deliveries: each route's, and each
+/// schedule's with an http target and a secret.
+fn routes_and_keys(
+    config: &Config,
+) -> Result<
+    (
+        webhooks::RouteTable,
+        std::collections::HashMap<String, Vec<u8>>,
+    ),
+    String,
+> {
+    let (table, mut signing) = webhooks::build_routes(&config.webhook)?;
+    signing.extend(schedules::signing_keys(&config.schedules)?);
+    Ok((table, signing))
 }
 
 /// The API keys of the configuration: inline ones, then those of each file or credential
@@ -124,8 +142,7 @@ impl Gateway {
             tracing::info!("{resumed} unfinished runs resumed");
         }
         check_insecure_routes(&config.webhook, &lifecycle).map_err(ConfigurationError)?;
-        let (table, signing) =
-            webhooks::build_routes(&config.webhook).map_err(ConfigurationError)?;
+        let (table, signing) = routes_and_keys(config).map_err(ConfigurationError)?;
         let ledger = deliveries::DeliveryLedger::new(
             sessions.store().clone(),
             sessions.clone(),
@@ -150,6 +167,13 @@ impl Gateway {
         }
         ledger.spawn_pruner();
         platforms.start();
+        let schedules = schedules::Schedules::new(
+            sessions.store().clone(),
+            sessions.clone(),
+            ledger.clone(),
+            &config.agent.model,
+        );
+        schedules.apply(&config.schedules, &config.agent.model);
         let webhooks = webhooks::Webhooks::new(&config.webhook, table, ledger.clone());
         let api = api::ApiState::new(
             sessions.clone(),
@@ -165,6 +189,7 @@ impl Gateway {
             webhooks,
             ledger,
             platforms,
+            schedules,
         })
     }
 }
@@ -179,8 +204,12 @@ impl Drop for Gateway {
 impl Service for Gateway {
     fn router(&self, name: &str) -> Router {
         match name {
-            "control" => control::router(self.lifecycle.clone(), self.platforms.clone())
-                .merge(deliveries::api::router(self.ledger.clone(), "")),
+            "control" => control::router(
+                self.lifecycle.clone(),
+                self.platforms.clone(),
+                self.schedules.clone(),
+            )
+            .merge(deliveries::api::router(self.ledger.clone(), "")),
             "api" => health::router().merge(api::router(self.api.clone())).merge(
                 deliveries::api::router(self.ledger.clone(), "/v1").route_layer(
                     axum::middleware::from_fn_with_state(self.api.clone(), api::authenticate),
@@ -211,15 +240,22 @@ impl Service for Gateway {
             Err(e) => tracing::error!("reload: [agent]: {e}; the previous backend stays in force"),
         }
         let routes = check_insecure_routes(&config.webhook, &self.lifecycle)
-            .and_then(|()| webhooks::build_routes(&config.webhook));
+            .and_then(|()| routes_and_keys(config));
         match routes {
             Ok((table, signing)) => {
-                tracing::info!("{} webhook routes", config.webhook.routes.len());
+                tracing::info!(
+                    "{} webhook routes, {} schedules",
+                    config.webhook.routes.len(),
+                    config.schedules.len()
+                );
                 self.webhooks.update(&config.webhook, table);
                 self.ledger
                     .update(&config.webhook, &config.agent.model, signing);
+                self.schedules.apply(&config.schedules, &config.agent.model);
             }
-            Err(e) => tracing::error!("reload: {e}; the previous webhook routes stay in force"),
+            Err(e) => tracing::error!(
+                "reload: {e}; the previous webhook routes and schedules stay in force"
+            ),
         }
         self.platforms.update(config);
         if &config.sessions != self.sessions.limits() {
@@ -228,6 +264,11 @@ impl Service for Gateway {
     }
 
     fn summary(&self) -> Option<String> {
-        Some(self.sessions.summary())
+        let mut s = self.sessions.summary();
+        if let Some(next) = self.schedules.next_due_text() {
+            s.push_str(", next schedule ");
+            s.push_str(&next);
+        }
+        Some(s)
     }
 }

@@ -158,6 +158,15 @@ pub fn set_progress(conn: &Connection, id: &str, parts: i64, now: i64) -> rusqli
     Ok(())
 }
 
+/// The delivery stored last for `route` (a schedule's last run), if any.
+pub fn latest(conn: &Connection, route: &str) -> rusqlite::Result<Option<DeliveryRow>> {
+    conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM deliveries WHERE route = ?1 ORDER BY received_at DESC, rowid DESC LIMIT 1"
+    ))?
+    .query_row([route], row)
+    .optional()
+}
+
 /// Open deliveries of one route (a platform's backlog).
 pub fn count_open(conn: &Connection, route: &str) -> rusqlite::Result<i64> {
     conn.prepare_cached(

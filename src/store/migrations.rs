@@ -145,6 +145,15 @@ const MIGRATIONS: &[&str] = &[
         requested_at  INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 7: schedules: since when each is known (a slot before that never ran) and its last
+    // slot recorded (its run and delivery are in the ledger, route `schedule:NAME`).
+    r#"
+    CREATE TABLE schedules (
+        name          TEXT PRIMARY KEY,
+        created_at    INTEGER NOT NULL,
+        last_slot_at  INTEGER
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this binary writes.

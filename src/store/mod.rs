@@ -18,6 +18,7 @@ pub mod deliveries;
 mod migrations;
 pub mod platforms;
 pub mod runs;
+pub mod schedules;
 pub mod sessions;
 
 use std::collections::VecDeque;

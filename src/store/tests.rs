@@ -405,7 +405,8 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
         c.execute_batch(
-            "ALTER TABLE deliveries DROP COLUMN progress;
+            "DROP TABLE schedules;
+             ALTER TABLE deliveries DROP COLUMN progress;
              DROP TABLE platform_offsets;
              DROP TABLE platform_chats;
              DROP TABLE platform_users;

@@ -31,6 +31,14 @@ impl PlatformsConfig {
     pub fn is_empty(&self) -> bool {
         self.telegram.is_empty()
     }
+
+    /// Whether an instance `name` of `platform` is configured.
+    pub fn has(&self, platform: &str, name: &str) -> bool {
+        match platform {
+            "telegram" => self.telegram.iter().any(|t| t.name == name),
+            _ => false,
+        }
+    }
 }
 
 /// Who may talk to the agent through one platform instance. Deny by default.
