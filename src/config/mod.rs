@@ -100,6 +100,9 @@ pub struct Config {
     /// How long a client may take to send a request's headers: 408 after that (and an idle
     /// keep-alive connection is closed after it).
     pub header_timeout: Duration,
+    /// TCP connections served at once, all listeners together; beyond, new ones wait in
+    /// the kernel's backlog. `None`: sized from the descriptor limit at start.
+    pub max_connections: Option<usize>,
     pub log_level: Option<String>,
     pub agent: AgentConfig,
     pub api: ApiConfig,
@@ -214,6 +217,7 @@ struct FileGateway {
     drain_timeout: Option<HumanDuration>,
     idle_grace: Option<HumanDuration>,
     header_timeout: Option<HumanDuration>,
+    max_connections: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -329,6 +333,15 @@ impl Config {
             key: key.to_owned(),
             message,
         };
+        let max_connections = match f.gateway.max_connections {
+            Some(0) => {
+                return Err(invalid(
+                    "gateway.max_connections",
+                    "must be at least 1 (leave it out to size it from the descriptor limit)".into(),
+                ));
+            }
+            n => n.map(|n| n as usize),
+        };
         let agent = sections::agent(f.agent).map_err(|(k, m)| invalid(k, m))?;
         let sessions = sections::sessions(f.sessions).map_err(|(k, m)| invalid(k, m))?;
         let api = sections::api(f.api);
@@ -380,6 +393,7 @@ impl Config {
                 .gateway
                 .header_timeout
                 .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
+            max_connections,
             log_level: f.log.level.map(|l| l.0),
             agent,
             api,

@@ -212,7 +212,7 @@ impl Context {
         };
         let reexec = self.supervisor == Supervisor::None && self.relaunch.is_some();
         let (handover, accept_loops) =
-            match serve_all(set, service.as_ref(), &drain, reexec, config.header_timeout) {
+            match serve_all(set, service.as_ref(), &drain, reexec, &config) {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::error!("cannot serve: {e}");
@@ -326,24 +326,42 @@ fn serve_all<S: Service>(
     service: &S,
     drain: &Drain,
     keep_for_reexec: bool,
-    header_timeout: Duration,
+    config: &Config,
 ) -> std::io::Result<(Handover, AcceptLoops)> {
     let mut handover = keep_for_reexec.then(Vec::new);
     let mut loops = Vec::new();
+    // TCP listeners share the limit; the control socket is never starved by them.
+    let max = connection_limit(config);
+    tracing::info!("serving at most {max} connections at once ([gateway] max_connections)");
+    let limit = Arc::new(tokio::sync::Semaphore::new(max));
     for l in set.listeners {
         if let Some(h) = handover.as_mut() {
             h.push((l.name.clone(), l.socket.as_fd().try_clone_to_owned()?));
         }
         let router = service.router(&l.name);
+        let limit = matches!(l.socket, listeners::Socket::Tcp(_)).then(|| limit.clone());
         loops.push(serve::spawn(
             l,
             router,
             drain.shutdown(),
             drain.connections(),
-            header_timeout,
+            config.header_timeout,
+            limit,
         )?);
     }
     Ok((handover, loops))
+}
+
+/// `[gateway] max_connections`, or what the descriptor limit leaves once the store, the
+/// agents' pipes and upstream connections have theirs: each connection is a descriptor.
+fn connection_limit(config: &Config) -> usize {
+    if let Some(n) = config.max_connections {
+        return n;
+    }
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let reserve = 64 + 4 * config.sessions.max_concurrent_runs as u64;
+    usize::try_from(soft.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX)
 }
 
 fn flush(notes: Notes) {
@@ -391,6 +409,9 @@ fn reload<S: Service>(
                     tracing::warn!(listener = %name,
                         "listener `{name}` changed from {old} to {addr}: this takes a restart (systemctl restart, or SIGUSR1); still serving {old}");
                 }
+            }
+            if new.max_connections != config.max_connections {
+                tracing::warn!("[gateway] max_connections changed: this takes a restart");
             }
             if new.state_dir != config.state_dir {
                 tracing::warn!(

@@ -18,6 +18,7 @@ use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 use super::drain::{ConnectionTracker, Shutdown};
@@ -60,12 +61,15 @@ fn next_request_id() -> Arc<str> {
 }
 
 /// Accepts on `listener` until the drain begins, serving each connection with `router`.
+/// With `limit`, a connection is accepted only once it has a permit: beyond the limit,
+/// new connections wait in the kernel's backlog instead of being accepted and starved.
 pub fn spawn(
     listener: Listener,
     router: axum::Router,
     shutdown: Shutdown,
     tracker: Arc<ConnectionTracker>,
     header_timeout: Duration,
+    limit: Option<Arc<Semaphore>>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let name: Arc<str> = listener.name.as_str().into();
     let ctx = LoopContext {
@@ -74,6 +78,7 @@ pub fn spawn(
         tracker,
         router,
         header_timeout,
+        limit,
     };
     Ok(match listener.socket {
         Socket::Tcp(std) => {
@@ -112,7 +117,12 @@ struct LoopContext {
     tracker: Arc<ConnectionTracker>,
     router: axum::Router,
     header_timeout: Duration,
+    limit: Option<Arc<Semaphore>>,
 }
+
+/// Accept failures (EMFILE, ENFILE, ENOBUFS…) come in bursts: one warning per this
+/// period, with the count of those not logged.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 async fn accept_loop<S, F, Fut>(ctx: LoopContext, mut accept: F)
 where
@@ -126,8 +136,22 @@ where
         tracker,
         router,
         header_timeout,
+        limit,
     } = ctx;
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    let mut unlogged = 0u64;
     loop {
+        let permit = match &limit {
+            None => None,
+            Some(sem) => tokio::select! {
+                biased;
+                _ = shutdown.started() => break,
+                p = sem.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => break,
+                },
+            },
+        };
         tokio::select! {
             biased;
             _ = shutdown.started() => break,
@@ -143,11 +167,24 @@ where
                         tracker: tracker.clone(),
                         header_timeout,
                     };
-                    tokio::spawn(conn.run(stream, guard));
+                    tokio::spawn(conn.run(stream, guard, permit));
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = %name, "accept failed: {e}");
+                    // EMFILE and friends: back off instead of spinning, and say so once
+                    // per period, not once per failure.
+                    let now = tokio::time::Instant::now();
+                    if last_warning.is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY) {
+                        let more = if unlogged > 0 {
+                            format!(" ({unlogged} more failures since the last warning)")
+                        } else {
+                            String::new()
+                        };
+                        tracing::warn!(listener = %name, "accept failed: {e}{more}; backing off");
+                        last_warning = Some(now);
+                        unlogged = 0;
+                    } else {
+                        unlogged += 1;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -167,8 +204,14 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run<S>(self, stream: S, _guard: super::drain::ConnectionGuard)
-    where
+    /// Serves the connection; `_permit` is its place under `[gateway] max_connections`,
+    /// given back when it ends.
+    async fn run<S>(
+        self,
+        stream: S,
+        _guard: super::drain::ConnectionGuard,
+        _permit: Option<OwnedSemaphorePermit>,
+    ) where
         S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
     {
         // A second handle on the socket, to answer 408 after hyper gave up on the headers.
