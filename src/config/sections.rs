@@ -141,6 +141,7 @@ pub(super) struct FileAgent {
     idle_timeout: Option<HumanDuration>,
     retries: Option<u32>,
     command: Option<Vec<String>>,
+    max_reply: Option<ByteSize>,
 }
 
 /// `[agent]`: the backend that runs each turn.
@@ -151,7 +152,12 @@ pub struct AgentConfig {
     pub model: String,
     /// Upper bound on one turn.
     pub timeout: Duration,
+    /// Upper bound on one reply: beyond, the turn fails (and a command's process group is
+    /// killed).
+    pub max_reply: u64,
 }
+
+pub const DEFAULT_MAX_REPLY: u64 = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentBackend {
@@ -261,10 +267,16 @@ pub(super) fn agent(f: FileAgent) -> Result<AgentConfig, SectionError> {
     if model.is_empty() {
         return Err(("agent.model", "must not be empty".to_owned()));
     }
+    let max_reply = match f.max_reply {
+        Some(ByteSize(0)) => return Err(("agent.max_reply", "must be at least 1 byte".to_owned())),
+        Some(b) => b.0,
+        None => DEFAULT_MAX_REPLY,
+    };
     Ok(AgentConfig {
         backend,
         model,
         timeout: f.timeout.map_or(DEFAULT_AGENT_TIMEOUT, |d| d.0),
+        max_reply,
     })
 }
 
@@ -274,6 +286,7 @@ impl Default for AgentConfig {
             backend: AgentBackend::Echo,
             model: DEFAULT_MODEL.to_owned(),
             timeout: DEFAULT_AGENT_TIMEOUT,
+            max_reply: DEFAULT_MAX_REPLY,
         }
     }
 }

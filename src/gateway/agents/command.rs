@@ -20,6 +20,7 @@ const STDERR_TAIL: usize = 2048;
 pub struct CommandAgent {
     argv: Vec<String>,
     timeout: Duration,
+    max_reply: u64,
 }
 
 impl CommandAgent {
@@ -27,8 +28,20 @@ impl CommandAgent {
         CommandAgent {
             argv: argv.to_vec(),
             timeout: config.timeout,
+            max_reply: config.max_reply,
         }
     }
+}
+
+/// After the program exited, what its children still write is waited for this long; then
+/// its process group is killed, so that a child that kept stdout open cannot hold the
+/// turn until the timeout.
+const AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// Why the reply could not be read.
+enum ReadError {
+    TooLong(u64),
+    NotUtf8(usize),
 }
 
 /// Kills the process group when the turn ends early (timeout, cancel, gateway exit).
@@ -105,40 +118,69 @@ impl Agent for CommandAgent {
                 }
                 tail
             };
+            let max_reply = self.max_reply;
+            let group = killer.0;
+            // A reply refused midway: the program stops now (its stderr closes with it).
+            let stop = move || {
+                if let Some(pg) = group {
+                    let _ = killpg(pg, Signal::SIGKILL);
+                }
+            };
             let out_reader = async {
                 let mut reply = String::new();
                 let mut pending: Vec<u8> = Vec::new();
                 let mut buf = [0u8; 8192];
+                let mut read: u64 = 0;
                 loop {
                     let n = match stdout.read(&mut buf).await {
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
+                    read += n as u64;
+                    if read > max_reply {
+                        stop();
+                        return Err(ReadError::TooLong(max_reply));
+                    }
                     pending.extend_from_slice(&buf[..n]);
                     // Hand over complete UTF-8 only; keep a split character for the next read.
                     let valid = match std::str::from_utf8(&pending) {
                         Ok(s) => s.len(),
                         Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                        Err(e) => e.valid_up_to() + e.error_len().unwrap_or(1),
+                        Err(e) => {
+                            stop();
+                            return Err(ReadError::NotUtf8(reply.len() + e.valid_up_to()));
+                        }
                     };
-                    let chunk = String::from_utf8_lossy(&pending[..valid]).into_owned();
-                    pending.drain(..valid);
+                    let chunk = std::str::from_utf8(&pending[..valid]).unwrap_or_default();
                     if !chunk.is_empty() {
-                        on_delta(&chunk);
-                        reply.push_str(&chunk);
+                        on_delta(chunk);
+                        reply.push_str(chunk);
                     }
+                    pending.drain(..valid);
                 }
                 if !pending.is_empty() {
-                    let chunk = String::from_utf8_lossy(&pending).into_owned();
-                    on_delta(&chunk);
-                    reply.push_str(&chunk);
+                    // A character cut at the end of the output.
+                    return Err(ReadError::NotUtf8(reply.len()));
                 }
-                reply
+                Ok(reply)
             };
             let work = async {
-                let ((), reply, tail) = tokio::join!(writer, out_reader, err_reader);
-                let status = child.wait().await;
-                (reply, tail, status)
+                let readers = async { tokio::join!(writer, out_reader, err_reader) };
+                tokio::pin!(readers);
+                tokio::select! {
+                    ((), reply, tail) = &mut readers => (reply, tail, child.wait().await),
+                    status = child.wait() => {
+                        // The program exited; children it left may hold its pipes open.
+                        let r = match tokio::time::timeout(AFTER_EXIT, &mut readers).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                stop();
+                                readers.await
+                            }
+                        };
+                        (r.1, r.2, status)
+                    }
+                }
             };
             let (reply, tail, status) = match tokio::time::timeout(self.timeout, work).await {
                 Ok(r) => r,
@@ -146,6 +188,20 @@ impl Agent for CommandAgent {
                     return Err(AgentError::Timeout(format!(
                         "`{program}` did not finish within {:?}; its process group was killed",
                         self.timeout
+                    )));
+                }
+            };
+            let reply = match reply {
+                Ok(r) => r,
+                // Dropping `killer` kills the process group.
+                Err(ReadError::TooLong(max)) => {
+                    return Err(AgentError::Failed(format!(
+                        "`{program}` wrote more than {max} bytes ([agent] max_reply); its process group was killed"
+                    )));
+                }
+                Err(ReadError::NotUtf8(at)) => {
+                    return Err(AgentError::Failed(format!(
+                        "`{program}` wrote invalid UTF-8 at byte {at} of its reply; its process group was killed"
                     )));
                 }
             };
