@@ -78,7 +78,7 @@ fn an_agent_that_never_exits_times_out_and_is_killed() {
     let setup = Setup::new(
         "127.0.0.1:0",
         &agent(
-            &["sh", "-c", "exec -a hermes-never-exits sleep 300", marker],
+            &["bash", "-c", "exec -a hermes-never-exits sleep 300", marker],
             "timeout = \"1s\"",
         ),
     );
@@ -97,7 +97,7 @@ fn children_that_outlive_the_agent_do_not_hold_the_turn() {
         "127.0.0.1:0",
         &agent(
             &[
-                "sh",
+                "bash",
                 "-c",
                 "(exec -a hermes-orphan-child sleep 60) & printf quick",
                 marker,
