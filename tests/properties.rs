@@ -225,6 +225,13 @@ proptest! {
     }
 }
 
+/// An address, a path and the headers to send.
+type Route = (
+    std::net::SocketAddr,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
 /// Request bodies of every route, through the real binary: any body gets an answer below
 /// 500 (or 503 from a store that is busy), and the gateway keeps serving.
 #[test]
@@ -247,7 +254,7 @@ fn any_request_body_gets_a_clear_answer_and_the_gateway_keeps_serving() {
         .unwrap_or(256)
         .min(5000);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
-    let routes: [(std::net::SocketAddr, &str, &[(&str, &str)]); 6] = [
+    let routes: [Route; 6] = [
         (api, "/v1/chat/completions", &[]),
         (api, "/v1/runs", &[]),
         (api, "/v1/deliveries/x/retry", &[]),
