@@ -46,6 +46,13 @@ async fn status(State(c): State<Control>) -> Response {
             json!({"name": name, "at_unix_ms": at, "at": super::schedules::slot_id(at)})
         });
         m.insert("next_schedule".into(), next.unwrap_or_default());
+        m.insert(
+            "tasks".into(),
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+                .into(),
+        );
     }
     Json(v).into_response()
 }

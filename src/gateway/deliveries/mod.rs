@@ -233,7 +233,8 @@ impl DeliveryLedger {
         }
     }
 
-    /// Prunes now, then every [`PRUNE_EVERY`], for as long as the runtime runs.
+    /// Prunes now, then every [`PRUNE_EVERY`] (or half the retention, when that is
+    /// shorter), for as long as the runtime runs.
     pub fn spawn_pruner(&self) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -243,7 +244,9 @@ impl DeliveryLedger {
                     Ok(n) => tracing::info!("{n} deliveries older than [webhook] retention pruned"),
                     Err(e) => tracing::warn!("pruning old deliveries failed: {e}"),
                 }
-                tokio::time::sleep(PRUNE_EVERY).await;
+                let every =
+                    (this.settings().retention / 2).clamp(Duration::from_secs(10), PRUNE_EVERY);
+                tokio::time::sleep(every).await;
             }
         });
     }
