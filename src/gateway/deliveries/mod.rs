@@ -412,14 +412,23 @@ impl DeliveryLedger {
             };
             let s = self.settings();
             attempts += 1;
+            // On disk before anything is sent: a reply sent and never recorded delivered
+            // must be found `attempting` at the next start, so that it goes again with the
+            // "may be a duplicate" marker. Queued without waiting, the send could overtake
+            // it — or follow a store already closed by the drain — and be repeated unmarked.
             {
                 let id = row.id.clone();
                 let n = attempts;
-                self.inner
+                if let Err(e) = self
+                    .inner
                     .store
-                    .write_detached("delivery attempt", move |c| {
-                        rows::set_attempting(c, &id, n, store::now_ms())
-                    });
+                    .write(move |c| rows::set_attempting(c, &id, n, store::now_ms()))
+                    .await
+                {
+                    tracing::error!(route = %row.route, delivery_id = %row.id,
+                        "cannot record the attempt, so nothing is sent: {e}; the delivery resumes at the next start");
+                    return;
+                }
             }
             let sent = match &chat {
                 Some((c, text)) => self.send_chat(&row, c, text, &progress, resent_part).await,
