@@ -69,6 +69,8 @@ struct State {
     next_message_id: i64,
     /// The longest a getUpdates is held (Telegram holds for `timeout`).
     max_hold: Duration,
+    /// How long a `sendMessage` takes before it is decided (as Telegram's round trip).
+    send_delay: Duration,
 }
 
 #[derive(Clone)]
@@ -92,6 +94,7 @@ impl Stub {
                 policy: Box::new(|_, _| Answer::Ok),
                 next_message_id: 1,
                 max_hold: Duration::from_secs(60),
+                send_delay: Duration::ZERO,
             }),
             Condvar::new(),
         ));
@@ -125,6 +128,13 @@ impl Stub {
 
     pub fn set_max_hold(&self, d: Duration) {
         self.with(|s| s.max_hold = d);
+    }
+
+    /// Every `sendMessage` from now on waits this long before it is decided (answered and,
+    /// if ok, recorded as delivered): as on Telegram, a message whose sender went away
+    /// meanwhile is shown all the same.
+    pub fn set_send_delay(&self, d: Duration) {
+        self.with(|s| s.send_delay = d);
     }
 
     /// Queues an update for getUpdates; gives it the next update_id unless it has one.
@@ -295,6 +305,12 @@ fn serve(conn: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) {
                 &json!({"ok": false, "error_code": 404, "description": "Not Found"}),
             );
             continue;
+        }
+        if method == "sendMessage" {
+            let delay = shared.0.lock().map_or(Duration::ZERO, |s| s.send_delay);
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
         }
         let (status, answer) = handle(shared, method, body);
         if status == 0 {

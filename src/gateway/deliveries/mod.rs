@@ -345,9 +345,10 @@ impl DeliveryLedger {
     async fn drive(&self, mut row: DeliveryRow, bell: Arc<Notify>) {
         // Resumed in the middle of an attempt: the gateway stopped while it was sending.
         let cut_short = row.state == "attempting";
+        let target = Target::from_json(&row.target);
         if row.state == "received" {
-            let typing = match Target::from_json(&row.target) {
-                Target::Chat(c) => self.show_typing(c, &row.run_id),
+            let typing = match &target {
+                Target::Chat(c) => self.show_typing(c.clone(), &row.run_id),
                 _ => None,
             };
             let outcome = self.turn(&row).await;
@@ -362,6 +363,16 @@ impl DeliveryLedger {
                     return;
                 }
             };
+            // A chat's turn, visible under the chat's own fields (the run's lines carry
+            // only SESSION_KEY and RUN_ID): `journalctl PLATFORM=telegram CHAT_ID=…`. Said
+            // before the outcome is stored: a stop right after that commit would lose it.
+            if let Target::Chat(c) = &target {
+                tracing::info!(platform = %c.platform, chat_id = %c.chat_id,
+                    message_id = c.reply_to.as_deref().unwrap_or(""),
+                    session_key = row.session_id.as_deref().unwrap_or(""), run_id = %row.run_id,
+                    delivery_id = %row.id, "turn {}: the reply goes out next",
+                    outcome["status"].as_str().unwrap_or("finished"));
+            }
             let text = outcome.to_string();
             let id = row.id.clone();
             let stored = text.clone();
@@ -379,7 +390,6 @@ impl DeliveryLedger {
             row.state = "pending".into();
             row.attempts = 0;
         }
-        let target = Target::from_json(&row.target);
         let result: Value = row
             .result
             .as_deref()
