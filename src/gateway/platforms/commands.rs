@@ -70,6 +70,11 @@ pub fn pairing(code: &str) -> String {
     )
 }
 
+/// A message the agent cannot be given (`what`: "a voice message").
+pub fn unsupported(what: &str) -> String {
+    format!("I can only read text: {what} is not something I can pass on. Please write it out.")
+}
+
 pub const APPROVED: &str = "✅ The operator approved you: say hello!";
 
 pub fn queue_full(waiting: usize) -> String {

@@ -248,6 +248,9 @@ impl Platforms {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&m.chat_key);
+                if let Some(what) = &m.unsupported {
+                    return self.answer(inst, m, "unsupported", &commands::unsupported(what));
+                }
                 let planned = batch.turns.get(&session).copied().unwrap_or(0);
                 let waiting = activity.map_or(0, |a| a.waiting + 1) + planned;
                 let depth = self.inner.sessions.limits().queue_depth;

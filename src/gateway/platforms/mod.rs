@@ -21,6 +21,7 @@
 mod access;
 pub mod chunk;
 mod commands;
+pub mod http;
 mod inbox;
 mod outbox;
 pub mod telegram;
@@ -63,6 +64,9 @@ pub struct Inbound {
     pub text: String,
     /// Shared group session: the agent sees who is speaking.
     pub sender_prefix: bool,
+    /// What the message holds instead of text that the agent cannot be given (`a voice
+    /// message`): the gateway answers it itself, saying so; no turn runs.
+    pub unsupported: Option<String>,
 }
 
 /// How a platform sends one message of a reply.
@@ -175,6 +179,17 @@ impl Instance {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// A reload: the access rules and the per-chat inbound limit change now.
+    pub fn reconfigure(&self, access: &AccessConfig, chat_limit: RateLimit) {
+        *self.access.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(access.clone());
+        if chat_limit != self.chat_limit().limit() {
+            *self
+                .chat_limit
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::new(KeyedBuckets::new(chat_limit));
+        }
     }
 
     fn chat_limit(&self) -> Arc<KeyedBuckets> {
