@@ -47,6 +47,24 @@ Commands:\n\
 /help — this list\n\
 /restart — restart the gateway (admins only)";
 
+/// The commands, as the platform takes them: `/new`, or `new` where commands are plain
+/// words (a `/word` would be taken by the platform's own client there).
+pub fn help(words: bool) -> String {
+    if words {
+        HELP.replace('/', "")
+    } else {
+        HELP.to_owned()
+    }
+}
+
+pub fn start(words: bool) -> String {
+    if words {
+        START.replace("/help", "help")
+    } else {
+        START.to_owned()
+    }
+}
+
 pub const START: &str = "👋 Hello! I'm an AI agent behind hermes-gateway. Just write to me. Send /help for the commands.";
 
 pub fn new_session(session: &str) -> String {

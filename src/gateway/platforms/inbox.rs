@@ -178,8 +178,8 @@ impl Platforms {
         let session = self.session_of(&m.chat_key, batch);
         let activity = self.inner.sessions.activity(&session);
         match commands::parse(&m.text, inst.words) {
-            Some(Command::Help) => self.answer(inst, m, "command", commands::HELP),
-            Some(Command::Start) => self.answer(inst, m, "command", commands::START),
+            Some(Command::Help) => self.answer(inst, m, "command", &commands::help(inst.words)),
+            Some(Command::Start) => self.answer(inst, m, "command", &commands::start(inst.words)),
             Some(Command::Status) => {
                 let (running, waiting) = activity.map_or((false, 0), |a| (true, a.waiting));
                 let text = commands::status(
