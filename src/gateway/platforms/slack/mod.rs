@@ -141,7 +141,7 @@ impl Slack {
             .filter(|u| !u.is_empty())
             .ok_or("a message without a user")?;
         let own = own_user_ids(envelope);
-        if own.iter().any(|o| *o == user) {
+        if own.contains(&user) {
             return Err("the app's own message".into());
         }
         let ts = e["ts"]
