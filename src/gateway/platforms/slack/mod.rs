@@ -63,15 +63,18 @@ impl Slack {
                 "{key}: bot_token: what was read is not a Slack bot token (xoxb-…)"
             ));
         }
+        // Nothing to start: the platform posts to the webhook listener.
+        let instance = Instance::new(
+            "slack",
+            &cfg.name,
+            "webhook",
+            true,
+            &cfg.access,
+            cfg.chat_rate_limit,
+        );
+        instance.set_state("webhook");
         Ok(Slack {
-            instance: Instance::new(
-                "slack",
-                &cfg.name,
-                "webhook",
-                true,
-                &cfg.access,
-                cfg.chat_rate_limit,
-            ),
+            instance,
             api: SlackApi::new(&cfg.api_base, token),
             signing_secret,
             config: cfg.clone(),

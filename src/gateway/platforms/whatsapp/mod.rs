@@ -58,15 +58,18 @@ impl WhatsApp {
         let verify_token = read("verify_token", &cfg.verify_token)?;
         let app_secret = read("app_secret", &cfg.app_secret)?;
         let access_token = read("access_token", &cfg.access_token)?;
+        // Nothing to start: the platform posts to the webhook listener.
+        let instance = Instance::new(
+            "whatsapp",
+            &cfg.name,
+            "webhook",
+            true,
+            &cfg.access,
+            cfg.chat_rate_limit,
+        );
+        instance.set_state("webhook");
         Ok(WhatsApp {
-            instance: Instance::new(
-                "whatsapp",
-                &cfg.name,
-                "webhook",
-                true,
-                &cfg.access,
-                cfg.chat_rate_limit,
-            ),
+            instance,
             api: GraphApi::new(
                 &cfg.api_base,
                 &cfg.api_version,
