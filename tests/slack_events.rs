@@ -362,6 +362,25 @@ fn ratelimited_and_500_are_retried_and_channel_not_found_ends_the_reply() {
         .filter(|c| c.channel() == "D0GONE")
         .count();
     assert_eq!(gone, 1, "a refusal is not retried");
+    // status: the instance, its state and its last error, never the token.
+    let st = status_json(&setup.control);
+    let p = st["platforms"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["platform"] == "slack"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (p["name"].as_str(), p["state"].as_str()),
+        (Some("work"), Some("webhook")),
+        "{p}"
+    );
+    // The latest of the errors: a 500, or the refusal, whichever came last.
+    let last = p["last_error"].as_str().unwrap_or("");
+    assert!(
+        last.contains("channel_not_found") || last.contains("500"),
+        "{p}"
+    );
+    assert!(!st.to_string().contains(BOT_TOKEN));
 }
 
 #[test]

@@ -291,6 +291,21 @@ fn throughput_limits_and_500_are_retried_and_a_refusal_ends_the_reply() {
         .filter(|c| c.to() == "15550002222")
         .count();
     assert_eq!(refused, 1, "a refusal is not retried");
+    let st = status_json(&setup.control);
+    let p = st["platforms"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["platform"] == "whatsapp"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (p["name"].as_str(), p["state"].as_str()),
+        (Some("biz"), Some("webhook")),
+        "{p}"
+    );
+    // The latest of the errors: a 500, or the refusal, whichever came last.
+    let last = p["last_error"].as_str().unwrap_or("");
+    assert!(last.contains("131047") || last.contains("500"), "{p}");
+    assert!(!st.to_string().contains(ACCESS_TOKEN));
 }
 
 #[test]
