@@ -248,7 +248,8 @@ pub struct PairingRevokeArgs {
 #[derive(Debug, Subcommand)]
 pub enum PlatformsCommand {
     /// Check a platform instance's credentials with the platform's cheapest authenticated
-    /// call (Telegram: getMe); exit 0 when they work.
+    /// call (Telegram: getMe, Slack: auth.test, WhatsApp: the phone number id); exit 0
+    /// when they work.
     Check(PlatformCheckArgs),
     /// Telegram: register or remove the webhook of a `[[platforms.telegram]]` instance.
     #[command(subcommand)]
@@ -287,7 +288,8 @@ pub struct PlatformCheckArgs {
     pub config: ConfigArg,
     /// The instance's `name`.
     pub name: String,
-    /// The platform, when several have an instance of that name (`telegram`, …).
+    /// The platform, when several have an instance of that name (`telegram`, `slack`,
+    /// `whatsapp`, …).
     #[arg(long)]
     pub platform: Option<String>,
 }

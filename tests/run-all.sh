@@ -36,9 +36,17 @@ fi
 
 # The chat platforms' own libraries (python-telegram-bot, …) for the platform tests.
 pvenv=target/platforms-venv
-ppin=$(grep -v '^#' tests/platforms/requirements.txt | head -n 1)
-if ! "$pvenv/bin/pip" freeze 2>/dev/null | grep -qixF "$ppin"; then
-  echo "== creating $pvenv ($ppin) for the platform tests"
+# Every pin must be installed, not only the first (pip freeze spells names its own way:
+# slack_sdk for slack-sdk, so both sides are compared in one spelling).
+pfrozen=$("$pvenv/bin/pip" freeze 2>/dev/null | tr 'A-Z_.' 'a-z--' || true)
+pmissing=""
+while read -r pin; do
+  case "$pin" in '' | '#'*) continue ;; esac
+  norm=$(printf '%s' "$pin" | tr 'A-Z_.' 'a-z--')
+  grep -qxF -- "$norm" <<<"$pfrozen" || pmissing="$pmissing $pin"
+done <tests/platforms/requirements.txt
+if [ -n "$pmissing" ]; then
+  echo "== creating $pvenv (missing:$pmissing) for the platform tests"
   { python3 -m venv "$pvenv" && "$pvenv/bin/pip" install -q -r tests/platforms/requirements.txt; } ||
     echo "== could not create $pvenv: the platform tests that need it will say so"
 fi

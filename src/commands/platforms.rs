@@ -1,11 +1,14 @@
 //! `hermes-gateway platforms check NAME` (a platform instance's credentials, checked with
-//! the platform's cheapest authenticated call) and `platforms telegram set-webhook|
+//! the platform's cheapest authenticated call: Telegram `getMe`, Slack `auth.test`, WhatsApp
+//! a `GET` of the phone number id) and `platforms telegram set-webhook|
 //! delete-webhook NAME`: the calls a user needs, made with the configured secrets, so that
 //! nobody has to paste a token into curl.
 
 use crate::cli::{PlatformCheckArgs, SetWebhookArgs, TelegramNameArgs};
-use crate::config::{Config, TelegramConfig};
+use crate::config::{Config, SlackConfig, TelegramConfig, WhatsAppConfig};
+use crate::gateway::platforms::slack::api::SlackApi;
 use crate::gateway::platforms::telegram::api::BotApi;
+use crate::gateway::platforms::whatsapp::api::GraphApi;
 use crate::lifecycle::ExitStatus;
 
 fn instance(args: &TelegramNameArgs) -> Result<TelegramConfig, ExitStatus> {
@@ -129,6 +132,21 @@ pub fn delete_webhook(args: &TelegramNameArgs) -> ExitStatus {
 /// The instances named `name` (of `platform`, if given): (platform, what to check).
 enum Checked {
     Telegram(TelegramConfig),
+    Slack(SlackConfig),
+    WhatsApp(WhatsAppConfig),
+}
+
+/// A secret of `[[platforms.PLATFORM]] NAME`, read (exit 78 naming the key if it cannot be).
+fn secret(
+    platform: &str,
+    name: &str,
+    key: &str,
+    s: &crate::config::SecretSource,
+) -> Result<crate::config::Secret, ExitStatus> {
+    s.read().map_err(|e| {
+        eprintln!("hermes-gateway: [[platforms.{platform}]] `{name}`: {key}: {e}");
+        ExitStatus::Config
+    })
 }
 
 pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
@@ -148,6 +166,28 @@ pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
                     .filter(|t| t.name == args.name)
                     .cloned()
                     .map(Checked::Telegram),
+            );
+        }
+        if wanted("slack") {
+            found.extend(
+                config
+                    .platforms
+                    .slack
+                    .iter()
+                    .filter(|t| t.name == args.name)
+                    .cloned()
+                    .map(Checked::Slack),
+            );
+        }
+        if wanted("whatsapp") {
+            found.extend(
+                config
+                    .platforms
+                    .whatsapp
+                    .iter()
+                    .filter(|t| t.name == args.name)
+                    .cloned()
+                    .map(Checked::WhatsApp),
             );
         }
         let one = match found.len() {
@@ -180,6 +220,38 @@ pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
                     t.name,
                     me["username"].as_str().unwrap_or("?"),
                     me["id"]
+                );
+            }
+            Checked::Slack(s) => {
+                let token = secret("slack", &s.name, "bot_token", &s.bot_token)?;
+                let me = rt
+                    .block_on(SlackApi::new(&s.api_base, token).auth_test())
+                    .map_err(|e| {
+                        eprintln!("hermes-gateway: slack `{}`: {e}", s.name);
+                        ExitStatus::Fatal
+                    })?;
+                println!(
+                    "slack `{}`: the bot token works (auth.test): workspace {} ({}), bot user {} ({})",
+                    s.name,
+                    me["team"].as_str().unwrap_or("?"),
+                    me["team_id"].as_str().unwrap_or("?"),
+                    me["user"].as_str().unwrap_or("?"),
+                    me["user_id"].as_str().unwrap_or("?"),
+                );
+            }
+            Checked::WhatsApp(w) => {
+                let token = secret("whatsapp", &w.name, "access_token", &w.access_token)?;
+                let api = GraphApi::new(&w.api_base, &w.api_version, &w.phone_number_id, token);
+                let me = rt.block_on(api.phone_number()).map_err(|e| {
+                    eprintln!("hermes-gateway: whatsapp `{}`: {e}", w.name);
+                    ExitStatus::Fatal
+                })?;
+                println!(
+                    "whatsapp `{}`: the access token works: phone number id {} is {} ({})",
+                    w.name,
+                    w.phone_number_id,
+                    me["display_phone_number"].as_str().unwrap_or("?"),
+                    me["verified_name"].as_str().unwrap_or("?"),
                 );
             }
         }

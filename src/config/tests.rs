@@ -347,6 +347,193 @@ fn telegram_configuration_errors_name_the_file_and_the_key() {
     }
 }
 
+const SLACK: &str = "[[platforms.slack]]\nname = \"work\"\nsigning_secret = \"8f742231b10e8888abcd99yyyzzz85a5\"\nbot_token = \"xoxb-1-2-SECRETxyz\"\n";
+
+#[test]
+fn a_slack_instance_takes_its_defaults() {
+    let c = parse(&format!("{SLACK}allowed_users = [\"U012AB3CD\"]\n")).expect("valid");
+    let s = &c.platforms.slack[0];
+    assert_eq!(s.name, "work");
+    assert_eq!(s.api_base, "https://slack.com/api");
+    assert_eq!(s.access.allowed_users, ["U012AB3CD"]);
+    assert_eq!(s.send_rate_limit.count, 20);
+    assert_eq!(s.chat_rate_limit.per, Duration::from_secs(60));
+    let shown = format!("{s:?}");
+    assert!(
+        !shown.contains("SECRETxyz") && !shown.contains("8f742231"),
+        "the secrets never print: {shown}"
+    );
+}
+
+#[test]
+fn slack_configuration_errors_name_the_file_and_the_key() {
+    let cases = [
+        (
+            "[[platforms.slack]]\nname = \"work\"\nbot_token = \"xoxb-1-2-SECRETxyz\"\n".to_owned(),
+            "platforms.slack[0].signing_secret",
+            "no signing secret",
+        ),
+        (
+            "[[platforms.slack]]\nname = \"work\"\nsigning_secret = \"s\"\n".to_owned(),
+            "platforms.slack[0].bot_token",
+            "no bot token",
+        ),
+        (
+            "[[platforms.slack]]\nname = \"work\"\nsigning_secret = \"s\"\nbot_token = \"xoxp-user-SECRETxyz\"\n".to_owned(),
+            "platforms.slack[0].bot_token",
+            "xoxb-",
+        ),
+        (
+            format!("{SLACK}bot_token_file = \"/etc/t\"\n"),
+            "platforms.slack[0].bot_token_file",
+            "one way only",
+        ),
+        (
+            format!("{SLACK}signing_secret_credential = \"slack\"\n"),
+            "platforms.slack[0].signing_secret_credential",
+            "one way only",
+        ),
+        (
+            format!("{SLACK}{SLACK}"),
+            "platforms.slack[1].name",
+            "defined twice",
+        ),
+        (
+            format!("{SLACK}api_base = \"slack.com\"\n"),
+            "platforms.slack[0].api_base",
+            "http",
+        ),
+        (
+            format!("{SLACK}allow_all = true\nallowed_users = [\"U1\"]\n"),
+            "platforms.slack[0].allow_all",
+            "keep one",
+        ),
+        (
+            format!("{SLACK}send_rate_limit = \"fast\"\n"),
+            "platforms.slack[0].send_rate_limit",
+            "N/s",
+        ),
+        (
+            format!("{SLACK}verify_token = \"x\"\n"),
+            "platforms.slack[0]",
+            "verify_token",
+        ),
+        (
+            "[[platforms.slack]]\nname = \"\"\nsigning_secret = \"s\"\nbot_token = \"xoxb-1\"\n".to_owned(),
+            "platforms.slack[0].name",
+            "/platforms/slack/NAME",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("/etc/hermes-gateway/gateway.toml"), "{e}");
+        assert!(e.contains(key), "{key}: {e}");
+        assert!(e.contains(why), "{why}: {e}");
+        assert!(
+            !e.contains("SECRETxyz") && !e.contains("8f742231"),
+            "no secret in {e}"
+        );
+    }
+}
+
+const WA: &str = "[[platforms.whatsapp]]\nname = \"biz\"\nverify_token = \"VERIFYxyz\"\napp_secret = \"APPSECRETxyz\"\naccess_token = \"EAAGSECRETxyz\"\nphone_number_id = \"106540352242922\"\n";
+
+#[test]
+fn a_whatsapp_instance_takes_its_defaults() {
+    let c = parse(&format!(
+        "{WA}allowed_users = [\"16315551234\", 447700900123]\n"
+    ))
+    .expect("valid");
+    let w = &c.platforms.whatsapp[0];
+    assert_eq!(w.name, "biz");
+    assert_eq!(w.api_base, "https://graph.facebook.com");
+    assert_eq!(w.api_version, "v21.0");
+    assert_eq!(w.phone_number_id, "106540352242922");
+    assert_eq!(w.access.allowed_users, ["16315551234", "447700900123"]);
+    assert_eq!(w.send_rate_limit.count, 80);
+    let shown = format!("{w:?}");
+    assert!(
+        !shown.contains("SECRETxyz") && !shown.contains("VERIFYxyz"),
+        "{shown}"
+    );
+    // A number id may be written as a TOML integer.
+    let c = parse(&WA.replace("\"106540352242922\"", "106540352242922")).expect("valid");
+    assert_eq!(c.platforms.whatsapp[0].phone_number_id, "106540352242922");
+}
+
+#[test]
+fn whatsapp_configuration_errors_name_the_file_and_the_key() {
+    let without = |key: &str| {
+        WA.lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    };
+    let cases = [
+        (
+            without("verify_token"),
+            "platforms.whatsapp[0].verify_token",
+            "no verify_token",
+        ),
+        (
+            without("app_secret"),
+            "platforms.whatsapp[0].app_secret",
+            "no app_secret",
+        ),
+        (
+            without("access_token"),
+            "platforms.whatsapp[0].access_token",
+            "no access_token",
+        ),
+        (
+            without("phone_number_id"),
+            "platforms.whatsapp[0].phone_number_id",
+            "no phone_number_id",
+        ),
+        (
+            WA.replace("\"106540352242922\"", "\"+1 631 555 1234\""),
+            "platforms.whatsapp[0].phone_number_id",
+            "not the phone number",
+        ),
+        (
+            format!("{WA}api_version = \"21\"\n"),
+            "platforms.whatsapp[0].api_version",
+            "v21.0",
+        ),
+        (
+            format!("{WA}app_secret_file = \"/etc/s\"\n"),
+            "platforms.whatsapp[0].app_secret_file",
+            "one way only",
+        ),
+        (
+            format!("{WA}api_base = \"graph.facebook.com\"\n"),
+            "platforms.whatsapp[0].api_base",
+            "http",
+        ),
+        (
+            format!("{WA}{WA}"),
+            "platforms.whatsapp[1].name",
+            "defined twice",
+        ),
+        (
+            WA.replace("access_token = \"EAAGSECRETxyz\"", "access_token = \"\""),
+            "platforms.whatsapp[0].access_token",
+            "must not be empty",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("/etc/hermes-gateway/gateway.toml"), "{e}");
+        assert!(e.contains(key), "{key}: {e}");
+        assert!(e.contains(why), "{why}: {e}");
+        assert!(
+            !e.contains("SECRETxyz") && !e.contains("VERIFYxyz"),
+            "no secret in {e}"
+        );
+    }
+}
+
 #[test]
 fn webhook_templates_are_parsed_with_the_configuration() {
     let route = "[[webhook.routes]]\nname = \"gh\"\nscheme = \"github\"\nsecret = \"s\"\n";

@@ -2,7 +2,9 @@
 //! and who may talk to the agent through them. Each platform's section is a file here;
 //! what they share (user lists, access rules, rates, URLs) is below.
 
+mod slack;
 mod telegram;
+mod whatsapp;
 
 use std::time::Duration;
 
@@ -10,8 +12,12 @@ use serde::Deserialize;
 
 use super::webhook::{RateLimit, rate};
 
+use slack::FileSlack;
+pub use slack::{SlackConfig, looks_like_slack_bot_token};
 use telegram::FileTelegram;
 pub use telegram::{GroupSessions, TelegramConfig, TelegramMode, looks_like_bot_token};
+use whatsapp::FileWhatsApp;
+pub use whatsapp::WhatsAppConfig;
 
 type SectionError = (String, String);
 
@@ -20,22 +26,30 @@ type SectionError = (String, String);
 pub(super) struct FilePlatforms {
     #[serde(default)]
     telegram: Vec<FileTelegram>,
+    #[serde(default)]
+    slack: Vec<FileSlack>,
+    #[serde(default)]
+    whatsapp: Vec<FileWhatsApp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PlatformsConfig {
     pub telegram: Vec<TelegramConfig>,
+    pub slack: Vec<SlackConfig>,
+    pub whatsapp: Vec<WhatsAppConfig>,
 }
 
 impl PlatformsConfig {
     pub fn is_empty(&self) -> bool {
-        self.telegram.is_empty()
+        self.telegram.is_empty() && self.slack.is_empty() && self.whatsapp.is_empty()
     }
 
     /// Whether an instance `name` of `platform` is configured.
     pub fn has(&self, platform: &str, name: &str) -> bool {
         match platform {
             "telegram" => self.telegram.iter().any(|t| t.name == name),
+            "slack" => self.slack.iter().any(|t| t.name == name),
+            "whatsapp" => self.whatsapp.iter().any(|t| t.name == name),
             _ => false,
         }
     }
@@ -151,5 +165,7 @@ fn access(
 pub(super) fn platforms(f: FilePlatforms) -> Result<PlatformsConfig, SectionError> {
     Ok(PlatformsConfig {
         telegram: telegram::telegram(f.telegram)?,
+        slack: slack::slack(f.slack)?,
+        whatsapp: whatsapp::whatsapp(f.whatsapp)?,
     })
 }

@@ -47,6 +47,24 @@ Commands:\n\
 /help — this list\n\
 /restart — restart the gateway (admins only)";
 
+/// The commands, as the platform takes them: `/new`, or `new` where commands are plain
+/// words (a `/word` would be taken by the platform's own client there).
+pub fn help(words: bool) -> String {
+    if words {
+        HELP.replace('/', "")
+    } else {
+        HELP.to_owned()
+    }
+}
+
+pub fn start(words: bool) -> String {
+    if words {
+        START.replace("/help", "help")
+    } else {
+        START.to_owned()
+    }
+}
+
 pub const START: &str = "👋 Hello! I'm an AI agent behind hermes-gateway. Just write to me. Send /help for the commands.";
 
 pub fn new_session(session: &str) -> String {
@@ -68,6 +86,11 @@ pub fn pairing(code: &str) -> String {
     format!(
         "🔐 This bot is private. Your pairing code is {code}.\nAsk its operator to run: hermes-gateway pairing approve {code}"
     )
+}
+
+/// A message the agent cannot be given (`what`: "a voice message").
+pub fn unsupported(what: &str) -> String {
+    format!("I can only read text: {what} is not something I can pass on. Please write it out.")
 }
 
 pub const APPROVED: &str = "✅ The operator approved you: say hello!";

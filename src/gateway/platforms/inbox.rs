@@ -178,8 +178,8 @@ impl Platforms {
         let session = self.session_of(&m.chat_key, batch);
         let activity = self.inner.sessions.activity(&session);
         match commands::parse(&m.text, inst.words) {
-            Some(Command::Help) => self.answer(inst, m, "command", commands::HELP),
-            Some(Command::Start) => self.answer(inst, m, "command", commands::START),
+            Some(Command::Help) => self.answer(inst, m, "command", &commands::help(inst.words)),
+            Some(Command::Start) => self.answer(inst, m, "command", &commands::start(inst.words)),
             Some(Command::Status) => {
                 let (running, waiting) = activity.map_or((false, 0), |a| (true, a.waiting));
                 let text = commands::status(
@@ -248,6 +248,9 @@ impl Platforms {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&m.chat_key);
+                if let Some(what) = &m.unsupported {
+                    return self.answer(inst, m, "unsupported", &commands::unsupported(what));
+                }
                 let planned = batch.turns.get(&session).copied().unwrap_or(0);
                 let waiting = activity.map_or(0, |a| a.waiting + 1) + planned;
                 let depth = self.inner.sessions.limits().queue_depth;

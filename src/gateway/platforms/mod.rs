@@ -21,10 +21,13 @@
 mod access;
 pub mod chunk;
 mod commands;
+pub mod http;
 mod inbox;
 mod outbox;
+pub mod slack;
 pub mod telegram;
 pub mod webhook;
+pub mod whatsapp;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -35,7 +38,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::deliveries::chat::SendFuture;
-use super::deliveries::{ChatTarget, DeliveryLedger};
+use super::deliveries::{ChatOutbox, ChatTarget, DeliveryLedger};
 use super::rate::{KeyedBuckets, TokenBucket};
 use super::sessions::Sessions;
 use crate::config::{AccessConfig, Config, RateLimit};
@@ -63,6 +66,9 @@ pub struct Inbound {
     pub text: String,
     /// Shared group session: the agent sees who is speaking.
     pub sender_prefix: bool,
+    /// What the message holds instead of text that the agent cannot be given (`a voice
+    /// message`): the gateway answers it itself, saying so; no turn runs.
+    pub unsupported: Option<String>,
 }
 
 /// How a platform sends one message of a reply.
@@ -177,6 +183,17 @@ impl Instance {
             .clone()
     }
 
+    /// A reload: the access rules and the per-chat inbound limit change now.
+    pub fn reconfigure(&self, access: &AccessConfig, chat_limit: RateLimit) {
+        *self.access.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(access.clone());
+        if chat_limit != self.chat_limit().limit() {
+            *self
+                .chat_limit
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::new(KeyedBuckets::new(chat_limit));
+        }
+    }
+
     fn chat_limit(&self) -> Arc<KeyedBuckets> {
         self.chat_limit
             .read()
@@ -209,6 +226,8 @@ struct Inner {
     model: RwLock<String>,
     instances: Vec<Arc<Instance>>,
     telegram: HashMap<String, Arc<telegram::Telegram>>,
+    slack: HashMap<String, Arc<slack::Slack>>,
+    whatsapp: HashMap<String, Arc<whatsapp::WhatsApp>>,
     /// The instances that take webhooks, by `platform:name`.
     inboxes: HashMap<String, Arc<dyn webhook::WebhookInbox>>,
     /// Webhook bodies: `[webhook] max_body` and `body_timeout`.
@@ -244,6 +263,31 @@ impl Platforms {
             }
             tg.insert(t.name.clone(), telegram);
         }
+        let mut outboxes: Vec<(String, Arc<dyn ChatOutbox>)> = Vec::new();
+        let mut slack = HashMap::new();
+        for c in &config.platforms.slack {
+            let s = Arc::new(slack::Slack::new(c)?);
+            webhook_platform(
+                &s,
+                c.send_rate_limit,
+                &mut instances,
+                &mut inboxes,
+                &mut outboxes,
+            );
+            slack.insert(c.name.clone(), s);
+        }
+        let mut whatsapp = HashMap::new();
+        for c in &config.platforms.whatsapp {
+            let w = Arc::new(whatsapp::WhatsApp::new(c)?);
+            webhook_platform(
+                &w,
+                c.send_rate_limit,
+                &mut instances,
+                &mut inboxes,
+                &mut outboxes,
+            );
+            whatsapp.insert(c.name.clone(), w);
+        }
         let chats: HashMap<String, String> = store
             .read_blocking(stored::chat_sessions)
             .map_err(|e| format!("cannot read the chats' sessions: {e}"))?
@@ -275,6 +319,8 @@ impl Platforms {
                 model: RwLock::new(config.agent.model.clone()),
                 instances,
                 telegram: tg,
+                slack,
+                whatsapp,
                 inboxes,
                 body_limits: RwLock::new((config.webhook.max_body, config.webhook.body_timeout)),
                 chats: RwLock::new(chats),
@@ -293,6 +339,9 @@ impl Platforms {
                 .inner
                 .ledger
                 .register_outbox(t.instance().key().to_owned(), Arc::new(outbox));
+        }
+        for (key, outbox) in outboxes {
+            platforms.inner.ledger.register_outbox(key, outbox);
         }
         for i in &platforms.inner.instances {
             let a = i.access();
@@ -355,6 +404,20 @@ impl Platforms {
                 ),
             }
         }
+        for c in &config.platforms.slack {
+            seen.insert(format!("slack:{}", c.name));
+            match self.inner.slack.get(&c.name) {
+                Some(live) => live.update(c),
+                None => added("slack", &c.name),
+            }
+        }
+        for c in &config.platforms.whatsapp {
+            seen.insert(format!("whatsapp:{}", c.name));
+            match self.inner.whatsapp.get(&c.name) {
+                Some(live) => live.update(c),
+                None => added("whatsapp", &c.name),
+            }
+        }
         for i in &self.inner.instances {
             if !seen.contains(i.key()) {
                 tracing::warn!(
@@ -412,6 +475,34 @@ impl Platforms {
     pub fn store(&self) -> &Store {
         &self.inner.store
     }
+}
+
+fn added(platform: &'static str, name: &str) {
+    tracing::warn!(
+        platform,
+        "{platform} `{name}` was added: this takes a restart (SIGUSR1)"
+    );
+}
+
+/// A platform instance that only takes webhooks: its instance, its inbox and its outbox
+/// (paced by `send_rate`) join the core's.
+fn webhook_platform<P: webhook::WebhookInbox + Adapter>(
+    p: &Arc<P>,
+    send_rate: RateLimit,
+    instances: &mut Vec<Arc<Instance>>,
+    inboxes: &mut HashMap<String, Arc<dyn webhook::WebhookInbox>>,
+    outboxes: &mut Vec<(String, Arc<dyn ChatOutbox>)>,
+) {
+    let instance = p.instance().clone();
+    let key = instance.key().to_owned();
+    instances.push(instance.clone());
+    inboxes.insert(key.clone(), p.clone());
+    let outbox = Outbox {
+        instance,
+        adapter: p.clone(),
+        pace: Mutex::new(TokenBucket::new(send_rate)),
+    };
+    outboxes.push((key, Arc::new(outbox)));
 }
 
 /// The webhook routes of every platform: `GET|POST /platforms/PLATFORM/NAME`.

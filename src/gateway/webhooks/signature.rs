@@ -76,6 +76,40 @@ pub fn sign_github(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", encode_hex(&m.finalize().into_bytes()))
 }
 
+/// Slack: `X-Slack-Signature: v0=<hex of HMAC-SHA256(signing secret, "v0:" + timestamp +
+/// ":" + body)>`, the timestamp from `X-Slack-Request-Timestamp`, which must be within
+/// `window_secs` of `now` (Slack says five minutes).
+pub fn verify_slack(
+    secret: &[u8],
+    headers: &HeaderMap,
+    body: &[u8],
+    now: i64,
+    window_secs: u64,
+) -> Result<(), SignatureError> {
+    const TS: &str = "x-slack-request-timestamp";
+    const SIG: &str = "x-slack-signature";
+    let ts_text = header(headers, TS)?.trim();
+    let sig = header(headers, SIG)?;
+    let ts: i64 = ts_text.parse().map_err(|_| SignatureError::Malformed(TS))?;
+    let hex = sig
+        .trim()
+        .strip_prefix("v0=")
+        .ok_or(SignatureError::Malformed(SIG))?;
+    let given = decode_hex(hex).ok_or(SignatureError::Malformed(SIG))?;
+    let mut m = mac(secret);
+    m.update(b"v0:");
+    m.update(ts_text.as_bytes());
+    m.update(b":");
+    m.update(body);
+    m.verify_slice(&given)
+        .map_err(|_| SignatureError::Mismatch)?;
+    let skew = now.saturating_sub(ts);
+    if skew.unsigned_abs() > window_secs {
+        return Err(SignatureError::Stale(skew, window_secs));
+    }
+    Ok(())
+}
+
 /// The key of a Standard Webhooks secret: the base64 after `whsec_`. A secret without the
 /// prefix is used as raw bytes (as Svix's libraries do for other secrets).
 pub fn standard_key(secret: &str) -> Vec<u8> {
@@ -226,6 +260,57 @@ mod tests {
             verify_github(GH_SECRET, &odd, GH_BODY),
             Err(SignatureError::Malformed(_))
         ));
+    }
+
+    // Slack's documentation ("Verifying requests from Slack"), its example values.
+    const SLACK_SECRET: &[u8] = b"8f742231b10e8888abcd99yyyzzz85a5";
+    const SLACK_TS: &str = "1531420618";
+    const SLACK_BODY: &[u8] = b"token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
+    const SLACK_SIG: &str = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503";
+
+    #[test]
+    fn slack_documentation_vector_and_refusals() {
+        let h = headers(&[
+            ("x-slack-request-timestamp", SLACK_TS),
+            ("x-slack-signature", SLACK_SIG),
+        ]);
+        let now = 1531420618 + 60;
+        assert_eq!(verify_slack(SLACK_SECRET, &h, SLACK_BODY, now, 300), Ok(()));
+        assert_eq!(
+            verify_slack(b"another-secret", &h, SLACK_BODY, now, 300),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify_slack(SLACK_SECRET, &h, b"token=tampered", now, 300),
+            Err(SignatureError::Mismatch)
+        );
+        // A replay: authentic, but older than five minutes.
+        assert_eq!(
+            verify_slack(SLACK_SECRET, &h, SLACK_BODY, 1531420618 + 301, 300),
+            Err(SignatureError::Stale(301, 300))
+        );
+        // The timestamp is part of what is signed.
+        let moved = headers(&[
+            ("x-slack-request-timestamp", "1531420619"),
+            ("x-slack-signature", SLACK_SIG),
+        ]);
+        assert_eq!(
+            verify_slack(SLACK_SECRET, &moved, SLACK_BODY, now, 300),
+            Err(SignatureError::Mismatch)
+        );
+        let missing = headers(&[("x-slack-signature", SLACK_SIG)]);
+        assert_eq!(
+            verify_slack(SLACK_SECRET, &missing, SLACK_BODY, now, 300),
+            Err(SignatureError::Missing("x-slack-request-timestamp"))
+        );
+        let v1 = headers(&[
+            ("x-slack-request-timestamp", SLACK_TS),
+            ("x-slack-signature", "v1=abcd"),
+        ]);
+        assert_eq!(
+            verify_slack(SLACK_SECRET, &v1, SLACK_BODY, now, 300),
+            Err(SignatureError::Malformed("x-slack-signature"))
+        );
     }
 
     // The Standard Webhooks specification's test vector.

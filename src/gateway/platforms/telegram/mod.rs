@@ -456,6 +456,7 @@ impl Telegram {
             chat_key,
             text,
             sender_prefix: shared,
+            unsupported: None,
         })
     }
 }

@@ -1,0 +1,212 @@
+//! What every platform's measurement shares: the gateway with all their sections, the stub
+//! API that takes the replies, the rounds against `GET /health`, and the report.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::Request;
+use hyper::body::Bytes;
+use serde_json::json;
+
+use super::http_stub::{self, StubResponse};
+use super::support::{MakeRequest, drive, env_u64, median};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hermes-gateway");
+
+/// One platform, as the benchmark drives it.
+pub struct Platform {
+    pub name: &'static str,
+    /// Its `[[platforms.NAME]]` section, its API at `api_base`.
+    pub config: fn(api_base: &str) -> String,
+    /// Its webhook path.
+    pub path: &'static str,
+    /// Connection `conn`'s `n`-th request (from 0), signed: a new message.
+    pub request: fn(conn: usize, n: u64) -> http::Result<Request<Full<Bytes>>>,
+}
+
+/// A conversation takes this many messages of a connection, then the next one starts
+/// (people write a few messages each; the sessions stay a few thousand).
+pub const PER_CONVERSATION: u64 = 8;
+
+struct Gateway {
+    child: Child,
+    api: SocketAddr,
+    hook: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn start(dir: &Path, sections: &str) -> Gateway {
+    let (api, hook) = (free_port(), free_port());
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\napi = \"127.0.0.1:{api}\"\nwebhook = \"127.0.0.1:{hook}\"\ncontrol = \"{}\"\n[state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n{sections}",
+            dir.join("control.sock").display(),
+            dir.join("state").display()
+        ),
+    )
+    .expect("write config");
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the gateway");
+    let api = SocketAddr::from(([127, 0, 0, 1], api));
+    let hook = SocketAddr::from(([127, 0, 0, 1], hook));
+    let end = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(hook).is_err() {
+        assert!(Instant::now() < end, "the gateway did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Gateway { child, api, hook }
+}
+
+struct Outcome {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn measure(addr: SocketAddr, conns: usize, secs: u64, make: Arc<MakeRequest>) -> Outcome {
+    let load = drive(addr, conns, secs, make);
+    Outcome {
+        rps: load.rps(),
+        p50_ms: load.quantile_ms(0.50),
+        p99_ms: load.quantile_ms(0.99),
+        errors: load.errors,
+    }
+}
+
+fn health() -> Arc<MakeRequest> {
+    Arc::new(|_, _| {
+        Request::get("/health")
+            .header("host", "bench")
+            .body(Full::new(Bytes::new()))
+    })
+}
+
+fn open_deliveries(db: &Path) -> i64 {
+    rusqlite::Connection::open(db)
+        .and_then(|c| {
+            c.query_row(
+                "SELECT count(*) FROM deliveries WHERE state NOT IN ('delivered', 'failed')",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap_or(-1)
+}
+
+pub fn main(all: &[Platform]) {
+    let secs = env_u64("BENCH_SECS", 5);
+    let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
+    let conns = env_u64("BENCH_CONNS", 64) as usize;
+    let only = std::env::var("BENCH_PLATFORMS").unwrap_or_default();
+    let platforms: Vec<&Platform> = all
+        .iter()
+        .filter(|p| only.is_empty() || only.split(',').any(|o| o.trim() == p.name))
+        .collect();
+    assert!(
+        !platforms.is_empty(),
+        "BENCH_PLATFORMS names none of the platforms"
+    );
+    // Every platform's API: each send is answered as a success in Slack's and Graph's
+    // shapes at once (`ok: true`, `messages`).
+    let sink = http_stub::serve(Arc::new(|_| {
+        StubResponse::json(
+            200,
+            &json!({"ok": true, "ts": "1.1", "messages": [{"id": "wamid.bench"}]}),
+        )
+    }));
+    let base = format!("http://{sink}");
+    let sections: String = platforms.iter().map(|p| (p.config)(&base)).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = start(dir.path(), &sections);
+    println!(
+        "hermes-gateway platform benchmark: {}; {conns} keep-alive connections, {rounds} rounds of {secs}s, signed webhooks of new messages (200 after commit), {PER_CONVERSATION} messages per conversation, echo agent, replies to a stub API, log level warn, {} CPUs",
+        platforms
+            .iter()
+            .map(|p| p.name)
+            .collect::<Vec<_>>()
+            .join(", "),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let make = |p: &Platform| -> Arc<MakeRequest> { Arc::new(p.request) };
+    measure(gw.api, conns, 1, health());
+    for p in &platforms {
+        measure(gw.hook, conns, 1, make(p));
+    }
+    let mut healths = Vec::new();
+    let mut results: Vec<Vec<Outcome>> = platforms.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        let h = measure(gw.api, conns, secs, health());
+        let mut line = format!(
+            "round {round}: GET /health {:>7.0} req/s p99 {:>5.2} ms",
+            h.rps, h.p99_ms
+        );
+        for (i, p) in platforms.iter().enumerate() {
+            let o = measure(gw.hook, conns, secs, make(p));
+            line.push_str(&format!(
+                " | {} {:>6.0}/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors, {:.1} % of /health)",
+                p.name,
+                o.rps,
+                o.p50_ms,
+                o.p99_ms,
+                o.errors,
+                100.0 * o.rps / h.rps
+            ));
+            results[i].push(o);
+        }
+        println!("{line}");
+        healths.push(h);
+    }
+    let h = median(healths.iter().map(|o| o.rps).collect());
+    println!("median: GET /health {h:.0} req/s");
+    for (p, r) in platforms.iter().zip(&results) {
+        let rps = median(r.iter().map(|o| o.rps).collect());
+        println!(
+            "median: {} {rps:.0} messages/s acknowledged after commit, p50 {:.2} ms, p99 {:.2} ms, {:.1} % of /health, {} errors (target >= 5000/s, p99 <= 25 ms)",
+            p.name,
+            median(r.iter().map(|o| o.p50_ms).collect()),
+            median(r.iter().map(|o| o.p99_ms).collect()),
+            100.0 * rps / h,
+            r.iter().map(|o| o.errors).sum::<u64>(),
+        );
+    }
+    // The work behind the 200s: how long until every turn ran and its reply was sent.
+    let db = dir.path().join("state/gateway.db");
+    let t = Instant::now();
+    let backlog = open_deliveries(&db);
+    while open_deliveries(&db) > 0 && t.elapsed() < Duration::from_secs(600) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "backlog: {backlog} replies still open when the load stopped; all sent {:.1}s later",
+        t.elapsed().as_secs_f64()
+    );
+}
