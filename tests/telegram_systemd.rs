@@ -366,9 +366,11 @@ queue_depth = 64
             "chat {chat}: every message answered, in order"
         );
     }
+    // A graceful restart lets the replies being sent finish before it exits (the drain
+    // waits for them) and starts no new one: nothing is sent twice, marked or not.
     assert!(
-        recovered.len() + marked_first <= 2 * CHATS as usize,
-        "at most the replies in flight at the {} restarts were sent again: {recovered:?}",
+        recovered.is_empty() && marked_first == 0,
+        "the {} graceful restarts cut replies mid-send: {recovered:?}",
         restarts.len()
     );
 

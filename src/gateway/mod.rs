@@ -263,6 +263,11 @@ impl Service for Gateway {
         }
     }
 
+    fn drain(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let ledger = self.ledger.clone();
+        Box::pin(async move { ledger.drain().await })
+    }
+
     fn summary(&self) -> Option<String> {
         let mut s = self.sessions.summary();
         if let Some(next) = self.schedules.next_due_text() {

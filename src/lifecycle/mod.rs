@@ -47,6 +47,12 @@ pub trait Service: Send + Sync + 'static {
     fn summary(&self) -> Option<String> {
         None
     }
+    /// The drain began: start nothing new, and resolve once what is under way that must
+    /// not be cut (a reply being sent) has finished. Waited for within the drain's
+    /// deadline, beside the connections.
+    fn drain(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async {})
+    }
 }
 
 /// How the gateway was asked to run.
@@ -269,6 +275,7 @@ impl Context {
             config.drain_timeout
         );
         let extender = spawn_timeout_extender(notifier.clone(), drain.connections(), deadline);
+        let business = tokio::spawn(service.drain());
         // Every accept loop has stopped (and counted what it accepted) before the
         // connections are counted down; otherwise a connection accepted at the very moment
         // the drain began could be dropped unanswered — a reset, seen in the benchmark.
@@ -288,6 +295,11 @@ impl Context {
                 }
             }
         };
+        if tokio::time::timeout_at(deadline, business).await.is_err() {
+            tracing::warn!(
+                "work under way was still running at the drain deadline; it resumes at the next start"
+            );
+        }
         extender.abort();
         if let Some(w) = watchdog {
             w.abort();

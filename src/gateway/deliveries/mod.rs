@@ -93,6 +93,21 @@ struct Inner {
     outboxes: RwLock<HashMap<String, Arc<dyn ChatOutbox>>>,
     /// Per chat: the ordered replies with a task, in the order they were stored.
     lanes: Mutex<HashMap<String, Lane>>,
+    /// Set when the drain begins: no attempt starts after it.
+    draining: std::sync::atomic::AtomicBool,
+    /// Attempts under way, and the bell rung when one ends.
+    sending: std::sync::atomic::AtomicUsize,
+    sent: Notify,
+}
+
+/// An attempt under way, for the drain to wait for.
+struct Sending<'a>(&'a Inner);
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::SeqCst);
+        self.0.sent.notify_waiters();
+    }
 }
 
 /// One chat's ordered replies: each is sent once those before it ended.
@@ -128,6 +143,9 @@ impl DeliveryLedger {
                 client: target::client(),
                 outboxes: RwLock::new(HashMap::new()),
                 lanes: Mutex::new(HashMap::new()),
+                draining: std::sync::atomic::AtomicBool::new(false),
+                sending: std::sync::atomic::AtomicUsize::new(0),
+                sent: Notify::new(),
             }),
         }
     }
@@ -433,6 +451,13 @@ impl DeliveryLedger {
             let Ok(_permit) = self.inner.permits.clone().acquire_owned().await else {
                 return;
             };
+            // No attempt starts once the drain began: the delivery resumes at the next start.
+            // One under way finishes (see `drain`), so a reply is not cut mid-send.
+            if self.inner.draining.load(Ordering::SeqCst) {
+                return;
+            }
+            self.inner.sending.fetch_add(1, Ordering::SeqCst);
+            let _sending = Sending(&self.inner);
             let s = self.settings();
             attempts += 1;
             let (id, n) = (row.id.clone(), attempts);
@@ -580,6 +605,21 @@ impl DeliveryLedger {
                 tokio::time::sleep(TYPING_EVERY).await;
             }
         }))
+    }
+
+    /// The drain began: no attempt starts from now on; resolves once those under way
+    /// ended (delivered, or failed and recorded).
+    pub async fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        loop {
+            let ended = self.inner.sent.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.inner.sending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// Registers the outbox that sends the replies of platform instance `instance`
