@@ -21,6 +21,7 @@
 mod access;
 pub mod chunk;
 mod commands;
+pub mod http;
 mod inbox;
 mod outbox;
 pub mod telegram;
@@ -70,8 +71,23 @@ pub trait Adapter: Send + Sync + 'static {
     /// The most one message may hold, as [`Adapter::unit`] counts.
     fn max_len(&self) -> usize;
     fn unit(&self) -> chunk::Unit;
+    /// How many parts one request may carry (LINE's push takes 5 messages); 1 by default.
+    fn batch(&self) -> usize {
+        1
+    }
     /// Sends one part of a reply.
     fn send_part<'a>(&'a self, target: &'a ChatTarget, part: Part<'a>) -> SendFuture<'a>;
+    /// Sends consecutive parts (2 to [`Adapter::batch`]) in one request: all of them are
+    /// confirmed, or none. The outbox only calls it when `batch() > 1`; by default the
+    /// parts go one by one.
+    fn send_parts<'a>(&'a self, target: &'a ChatTarget, parts: &'a [Part<'a>]) -> SendFuture<'a> {
+        Box::pin(async move {
+            for p in parts {
+                self.send_part(target, *p).await?;
+            }
+            Ok(parts.len())
+        })
+    }
     /// "typing…" in the chat, best effort (a platform without it does nothing).
     fn typing<'a>(&'a self, target: &'a ChatTarget) -> Typing<'a>;
 }
@@ -168,6 +184,17 @@ impl Instance {
     /// The instance cannot work until something changes (polling refused, say).
     pub fn set_state(&self, state: &'static str) {
         self.health().state = state;
+    }
+
+    /// A reload: the access rules now, and the inbound limit if it changed.
+    pub fn reload(&self, access: &AccessConfig, chat_limit: RateLimit) {
+        *self.access.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(access.clone());
+        if chat_limit != self.chat_limit().limit() {
+            *self
+                .chat_limit
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::new(KeyedBuckets::new(chat_limit));
+        }
     }
 
     fn access(&self) -> Arc<AccessConfig> {
