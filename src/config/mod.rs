@@ -20,8 +20,8 @@ use serde::Deserialize;
 pub use duration::HumanDuration;
 pub use paths::{default_control_path, default_state_dir};
 pub use platforms::{
-    AccessConfig, GroupSessions, PlatformsConfig, TelegramConfig, TelegramMode,
-    looks_like_bot_token,
+    AccessConfig, GroupSessions, LineConfig, PlatformsConfig, TelegramConfig, TelegramMode,
+    TwilioConfig, looks_like_bot_token, looks_like_header_value,
 };
 pub use sections::{
     AgentBackend, AgentConfig, ApiConfig, ByteSize, KeySource, OpenAiConfig, Secret, SessionsConfig,

@@ -2,7 +2,9 @@
 //! and who may talk to the agent through them. Each platform's section is a file here;
 //! what they share (user lists, access rules, rates, URLs) is below.
 
+mod line;
 mod telegram;
+mod twilio;
 
 use std::time::Duration;
 
@@ -10,8 +12,12 @@ use serde::Deserialize;
 
 use super::webhook::{RateLimit, rate};
 
+use line::FileLine;
+pub use line::{LineConfig, looks_like_header_value};
 use telegram::FileTelegram;
 pub use telegram::{GroupSessions, TelegramConfig, TelegramMode, looks_like_bot_token};
+use twilio::FileTwilio;
+pub use twilio::TwilioConfig;
 
 type SectionError = (String, String);
 
@@ -20,16 +26,22 @@ type SectionError = (String, String);
 pub(super) struct FilePlatforms {
     #[serde(default)]
     telegram: Vec<FileTelegram>,
+    #[serde(default)]
+    line: Vec<FileLine>,
+    #[serde(default)]
+    twilio: Vec<FileTwilio>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PlatformsConfig {
     pub telegram: Vec<TelegramConfig>,
+    pub line: Vec<LineConfig>,
+    pub twilio: Vec<TwilioConfig>,
 }
 
 impl PlatformsConfig {
     pub fn is_empty(&self) -> bool {
-        self.telegram.is_empty()
+        self.telegram.is_empty() && self.line.is_empty() && self.twilio.is_empty()
     }
 }
 
@@ -116,6 +128,33 @@ fn http_url(url: &str, key: &str) -> Result<String, SectionError> {
     Ok(url.trim_end_matches('/').to_owned())
 }
 
+/// An instance's `name`: a URL segment (`/platforms/PLATFORM/NAME`), unique per platform.
+fn instance_name(
+    platform: &str,
+    key: &str,
+    name: &str,
+    taken: &[&str],
+) -> Result<(), SectionError> {
+    if !super::webhook::valid_route_name(name) {
+        return Err((
+            format!("{key}.name"),
+            format!(
+                "`{}` is not a platform name: use 1 to 64 letters, digits, `-`, `_` or `.` (the webhook URL is /platforms/{platform}/NAME)",
+                name.escape_default()
+            ),
+        ));
+    }
+    if taken.contains(&name) {
+        return Err((
+            format!("{key}.name"),
+            format!(
+                "{platform} `{name}` is defined twice: each [[platforms.{platform}]] needs a name of its own"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Who may talk to the agent, as a section gives it: `allowed_users`, `allow_all`,
 /// `pairing`, `admins`. `key` is the section's path (`platforms.telegram[0]`).
 fn access(
@@ -143,5 +182,7 @@ fn access(
 pub(super) fn platforms(f: FilePlatforms) -> Result<PlatformsConfig, SectionError> {
     Ok(PlatformsConfig {
         telegram: telegram::telegram(f.telegram)?,
+        line: line::line(f.line)?,
+        twilio: twilio::twilio(f.twilio)?,
     })
 }
