@@ -1,10 +1,11 @@
 //! `hermes-gateway platforms check NAME` (a platform instance's credentials, checked with
-//! the platform's cheapest authenticated call) and `platforms telegram set-webhook|
-//! delete-webhook NAME`: the calls a user needs, made with the configured secrets, so that
+//! the platform's cheapest authenticated call: Telegram `getMe`, LINE `GET /v2/bot/info`) and `platforms telegram set-webhook|delete-webhook
+//! NAME`: the calls a user needs, made with the configured secrets, so that
 //! nobody has to paste a token into curl.
 
 use crate::cli::{PlatformCheckArgs, SetWebhookArgs, TelegramNameArgs};
-use crate::config::{Config, TelegramConfig};
+use crate::config::{Config, LineConfig, TelegramConfig};
+use crate::gateway::platforms::line::api::LineApi;
 use crate::gateway::platforms::telegram::api::BotApi;
 use crate::lifecycle::ExitStatus;
 
@@ -129,6 +130,22 @@ pub fn delete_webhook(args: &TelegramNameArgs) -> ExitStatus {
 /// The instances named `name` (of `platform`, if given): (platform, what to check).
 enum Checked {
     Telegram(TelegramConfig),
+    Line(LineConfig),
+}
+
+/// A secret of instance `platform` `name`, read as the gateway reads it.
+fn secret(
+    platform: &str,
+    name: &str,
+    key: &str,
+    s: &crate::config::SecretSource,
+) -> Result<crate::config::Secret, ExitStatus> {
+    s.read()
+        .map(|v| crate::config::Secret::new(v.expose().trim()))
+        .map_err(|e| {
+            eprintln!("hermes-gateway: [[platforms.{platform}]] `{name}`: {key}: {e}");
+            ExitStatus::Config
+        })
 }
 
 pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
@@ -148,6 +165,17 @@ pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
                     .filter(|t| t.name == args.name)
                     .cloned()
                     .map(Checked::Telegram),
+            );
+        }
+        if wanted("line") {
+            found.extend(
+                config
+                    .platforms
+                    .line
+                    .iter()
+                    .filter(|t| t.name == args.name)
+                    .cloned()
+                    .map(Checked::Line),
             );
         }
         let one = match found.len() {
@@ -180,6 +208,27 @@ pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
                     t.name,
                     me["username"].as_str().unwrap_or("?"),
                     me["id"]
+                );
+            }
+            Checked::Line(l) => {
+                let token = secret(
+                    "line",
+                    &l.name,
+                    "channel_access_token",
+                    &l.channel_access_token,
+                )?;
+                let info = rt
+                    .block_on(LineApi::new(&l.api_base, token).bot_info())
+                    .map_err(|e| {
+                        eprintln!("hermes-gateway: line `{}`: {e}", l.name);
+                        ExitStatus::Fatal
+                    })?;
+                println!(
+                    "line `{}`: the channel access token works: the bot is {} ({}, user id {})",
+                    l.name,
+                    info["displayName"].as_str().unwrap_or("?"),
+                    info["basicId"].as_str().unwrap_or("?"),
+                    info["userId"].as_str().unwrap_or("?")
                 );
             }
         }

@@ -23,6 +23,7 @@ pub mod chunk;
 mod commands;
 pub mod http;
 mod inbox;
+pub mod line;
 mod outbox;
 pub mod telegram;
 pub mod webhook;
@@ -36,7 +37,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::deliveries::chat::SendFuture;
-use super::deliveries::{ChatTarget, DeliveryLedger};
+use super::deliveries::{ChatOutbox, ChatTarget, DeliveryLedger};
 use super::rate::{KeyedBuckets, TokenBucket};
 use super::sessions::Sessions;
 use crate::config::{AccessConfig, Config, RateLimit};
@@ -236,6 +237,7 @@ struct Inner {
     model: RwLock<String>,
     instances: Vec<Arc<Instance>>,
     telegram: HashMap<String, Arc<telegram::Telegram>>,
+    line: HashMap<String, Arc<line::Line>>,
     /// The instances that take webhooks, by `platform:name`.
     inboxes: HashMap<String, Arc<dyn webhook::WebhookInbox>>,
     /// Webhook bodies: `[webhook] max_body` and `body_timeout`.
@@ -271,6 +273,16 @@ impl Platforms {
             }
             tg.insert(t.name.clone(), telegram);
         }
+        // Platforms that only take webhooks: an inbox and an outbox each.
+        let mut outboxes: Vec<(String, Arc<dyn ChatOutbox>)> = Vec::new();
+        let mut lines = HashMap::new();
+        for c in &config.platforms.line {
+            let l = Arc::new(line::Line::new(c)?);
+            instances.push(l.instance().clone());
+            inboxes.insert(l.instance().key().to_owned(), l.clone());
+            outboxes.push(outbox(l.instance(), l.clone(), l.send_rate()));
+            lines.insert(c.name.clone(), l);
+        }
         let chats: HashMap<String, String> = store
             .read_blocking(stored::chat_sessions)
             .map_err(|e| format!("cannot read the chats' sessions: {e}"))?
@@ -302,6 +314,7 @@ impl Platforms {
                 model: RwLock::new(config.agent.model.clone()),
                 instances,
                 telegram: tg,
+                line: lines,
                 inboxes,
                 body_limits: RwLock::new((config.webhook.max_body, config.webhook.body_timeout)),
                 chats: RwLock::new(chats),
@@ -320,6 +333,9 @@ impl Platforms {
                 .inner
                 .ledger
                 .register_outbox(t.instance().key().to_owned(), Arc::new(outbox));
+        }
+        for (key, o) in outboxes {
+            platforms.inner.ledger.register_outbox(key, o);
         }
         for i in &platforms.inner.instances {
             let a = i.access();
@@ -382,6 +398,17 @@ impl Platforms {
                 ),
             }
         }
+        for c in &config.platforms.line {
+            seen.insert(format!("line:{}", c.name));
+            match self.inner.line.get(&c.name) {
+                Some(live) => live.update(c),
+                None => tracing::warn!(
+                    platform = "line",
+                    "line `{}` was added: this takes a restart (SIGUSR1)",
+                    c.name
+                ),
+            }
+        }
         for i in &self.inner.instances {
             if !seen.contains(i.key()) {
                 tracing::warn!(
@@ -439,6 +466,20 @@ impl Platforms {
     pub fn store(&self) -> &Store {
         &self.inner.store
     }
+}
+
+/// The core's outbox for a platform instance: its replies split, paced and recorded.
+fn outbox<A: Adapter>(
+    instance: &Arc<Instance>,
+    adapter: Arc<A>,
+    rate: RateLimit,
+) -> (String, Arc<dyn ChatOutbox>) {
+    let o = Outbox {
+        instance: instance.clone(),
+        adapter,
+        pace: Mutex::new(TokenBucket::new(rate)),
+    };
+    (instance.key().to_owned(), Arc::new(o))
 }
 
 /// The webhook routes of every platform: `GET|POST /platforms/PLATFORM/NAME`.
