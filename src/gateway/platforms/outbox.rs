@@ -203,11 +203,13 @@ mod tests {
         // A later attempt (after a restart: marked) goes on from part 5, in one request.
         let o2 = outbox(5, None);
         assert_eq!(o2.deliver(d(5, true)).await, Ok(7));
-        let r = o2.adapter.requests.lock().unwrap();
-        assert_eq!(r.len(), 1);
-        assert_eq!(r[0].iter().map(|(i, _)| *i).collect::<Vec<_>>(), [5, 6]);
-        assert!(r[0][0].1.starts_with(RESENT_MARKER) && r[0][0].1.contains("5xxx"));
-        assert!(!r[0][1].1.starts_with(RESENT_MARKER));
+        {
+            let r = o2.adapter.requests.lock().unwrap();
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].iter().map(|(i, _)| *i).collect::<Vec<_>>(), [5, 6]);
+            assert!(r[0][0].1.starts_with(RESENT_MARKER) && r[0][0].1.contains("5xxx"));
+            assert!(!r[0][1].1.starts_with(RESENT_MARKER));
+        }
         // One part per request where the platform takes one.
         let o3 = outbox(1, None);
         assert_eq!(o3.deliver(d(0, false)).await, Ok(7));
