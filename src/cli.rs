@@ -283,7 +283,7 @@ pub struct PlatformCheckArgs {
     pub config: ConfigArg,
     /// The instance's `name`.
     pub name: String,
-    /// The platform, when several have an instance of that name (`telegram`, `line`, …).
+    /// The platform, when several have an instance of that name (`telegram`, `line`, `twilio`).
     #[arg(long)]
     pub platform: Option<String>,
 }

@@ -1,12 +1,14 @@
 //! `hermes-gateway platforms check NAME` (a platform instance's credentials, checked with
-//! the platform's cheapest authenticated call: Telegram `getMe`, LINE `GET /v2/bot/info`) and `platforms telegram set-webhook|delete-webhook
-//! NAME`: the calls a user needs, made with the configured secrets, so that
-//! nobody has to paste a token into curl.
+//! the platform's cheapest authenticated call: Telegram `getMe`, LINE `GET /v2/bot/info`,
+//! Twilio a `GET` of the account) and `platforms telegram set-webhook|delete-webhook NAME`:
+//! the calls a user needs, made with the configured secrets, so that nobody has to paste a
+//! token into curl.
 
 use crate::cli::{PlatformCheckArgs, SetWebhookArgs, TelegramNameArgs};
-use crate::config::{Config, LineConfig, TelegramConfig};
+use crate::config::{Config, LineConfig, TelegramConfig, TwilioConfig};
 use crate::gateway::platforms::line::api::LineApi;
 use crate::gateway::platforms::telegram::api::BotApi;
+use crate::gateway::platforms::twilio::api::TwilioApi;
 use crate::lifecycle::ExitStatus;
 
 fn instance(args: &TelegramNameArgs) -> Result<TelegramConfig, ExitStatus> {
@@ -131,6 +133,7 @@ pub fn delete_webhook(args: &TelegramNameArgs) -> ExitStatus {
 enum Checked {
     Telegram(TelegramConfig),
     Line(LineConfig),
+    Twilio(TwilioConfig),
 }
 
 /// A secret of instance `platform` `name`, read as the gateway reads it.
@@ -176,6 +179,17 @@ pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
                     .filter(|t| t.name == args.name)
                     .cloned()
                     .map(Checked::Line),
+            );
+        }
+        if wanted("twilio") {
+            found.extend(
+                config
+                    .platforms
+                    .twilio
+                    .iter()
+                    .filter(|t| t.name == args.name)
+                    .cloned()
+                    .map(Checked::Twilio),
             );
         }
         let one = match found.len() {
@@ -229,6 +243,23 @@ pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
                     info["displayName"].as_str().unwrap_or("?"),
                     info["basicId"].as_str().unwrap_or("?"),
                     info["userId"].as_str().unwrap_or("?")
+                );
+            }
+            Checked::Twilio(t) => {
+                let token = secret("twilio", &t.name, "auth_token", &t.auth_token)?;
+                let account = rt
+                    .block_on(TwilioApi::new(&t.api_base, &t.account_sid, token).account())
+                    .map_err(|e| {
+                        eprintln!("hermes-gateway: twilio `{}`: {e}", t.name);
+                        ExitStatus::Fatal
+                    })?;
+                println!(
+                    "twilio `{}`: the auth token works: account {} ({}), {}; replies come from {}",
+                    t.name,
+                    account["friendly_name"].as_str().unwrap_or("?"),
+                    t.account_sid,
+                    account["status"].as_str().unwrap_or("?"),
+                    t.from
                 );
             }
         }

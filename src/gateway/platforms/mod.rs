@@ -26,6 +26,7 @@ mod inbox;
 pub mod line;
 mod outbox;
 pub mod telegram;
+pub mod twilio;
 pub mod webhook;
 
 use std::collections::{HashMap, HashSet};
@@ -238,6 +239,7 @@ struct Inner {
     instances: Vec<Arc<Instance>>,
     telegram: HashMap<String, Arc<telegram::Telegram>>,
     line: HashMap<String, Arc<line::Line>>,
+    twilio: HashMap<String, Arc<twilio::Twilio>>,
     /// The instances that take webhooks, by `platform:name`.
     inboxes: HashMap<String, Arc<dyn webhook::WebhookInbox>>,
     /// Webhook bodies: `[webhook] max_body` and `body_timeout`.
@@ -283,6 +285,14 @@ impl Platforms {
             outboxes.push(outbox(l.instance(), l.clone(), l.send_rate()));
             lines.insert(c.name.clone(), l);
         }
+        let mut twilios = HashMap::new();
+        for c in &config.platforms.twilio {
+            let t = Arc::new(twilio::Twilio::new(c)?);
+            instances.push(t.instance().clone());
+            inboxes.insert(t.instance().key().to_owned(), t.clone());
+            outboxes.push(outbox(t.instance(), t.clone(), t.send_rate()));
+            twilios.insert(c.name.clone(), t);
+        }
         let chats: HashMap<String, String> = store
             .read_blocking(stored::chat_sessions)
             .map_err(|e| format!("cannot read the chats' sessions: {e}"))?
@@ -315,6 +325,7 @@ impl Platforms {
                 instances,
                 telegram: tg,
                 line: lines,
+                twilio: twilios,
                 inboxes,
                 body_limits: RwLock::new((config.webhook.max_body, config.webhook.body_timeout)),
                 chats: RwLock::new(chats),
@@ -405,6 +416,17 @@ impl Platforms {
                 None => tracing::warn!(
                     platform = "line",
                     "line `{}` was added: this takes a restart (SIGUSR1)",
+                    c.name
+                ),
+            }
+        }
+        for c in &config.platforms.twilio {
+            seen.insert(format!("twilio:{}", c.name));
+            match self.inner.twilio.get(&c.name) {
+                Some(live) => live.update(c),
+                None => tracing::warn!(
+                    platform = "twilio",
+                    "twilio `{}` was added: this takes a restart (SIGUSR1)",
                     c.name
                 ),
             }
