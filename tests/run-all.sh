@@ -36,9 +36,11 @@ fi
 
 # The chat platforms' own libraries (python-telegram-bot, …) for the platform tests.
 pvenv=target/platforms-venv
-ppin=$(grep -v '^#' tests/platforms/requirements.txt | head -n 1)
-if ! "$pvenv/bin/pip" freeze 2>/dev/null | grep -qixF "$ppin"; then
-  echo "== creating $pvenv ($ppin) for the platform tests"
+ppins=$(grep -v -e '^#' -e '^[[:space:]]*$' tests/platforms/requirements.txt)
+pfrozen=$("$pvenv/bin/pip" freeze 2>/dev/null || true)
+pmissing=$(grep -vixF -e "$pfrozen" <<<"$ppins" || true)
+if [ -z "$pfrozen" ] || [ -n "$pmissing" ]; then
+  echo "== creating $pvenv ($(echo $ppins)) for the platform tests"
   { python3 -m venv "$pvenv" && "$pvenv/bin/pip" install -q -r tests/platforms/requirements.txt; } ||
     echo "== could not create $pvenv: the platform tests that need it will say so"
 fi
