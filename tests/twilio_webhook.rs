@@ -343,6 +343,38 @@ fn commands_are_plain_words_access_is_denied_by_default_and_platforms_check_read
 }
 
 #[test]
+fn a_reload_changes_who_may_talk_and_a_changed_token_waits_for_a_restart() {
+    let Some(python) = sdk_python() else { return };
+    let stub = Stub::start();
+    let (me, friend) = ("+15556660001", "+15556660002");
+    let (setup, gw, hook) = start(&stub, &format!("allowed_users = [\"{me}\"]"), "");
+    post_signed(&python, hook, &[sms("SMr1", friend, "before")]);
+    let got = stub.wait_delivered(WAIT, |d| d.len() == 1);
+    assert!(got[0].body.contains("private"), "{}", got[0].body);
+    // The friend is added, and the token changed: access now, the token after a restart.
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    setup.write_config(
+        &text
+            .replace(
+                &format!("allowed_users = [\"{me}\"]"),
+                &format!("allowed_users = [\"{me}\", \"{friend}\"]"),
+            )
+            .replace(TOKEN, "00000000000000000000000000000000"),
+    );
+    gw.signal(nix::sys::signal::Signal::SIGHUP);
+    gw.wait_stderr("configuration reloaded", WAIT);
+    let log = gw.wait_stderr("this takes a restart", WAIT);
+    assert!(
+        log.contains("twilio `main`: account_sid, auth_token"),
+        "{log}"
+    );
+    // Still the running token: the old signatures are good, replies authenticate.
+    post_signed(&python, hook, &[sms("SMr2", friend, "after")]);
+    let got = stub.wait_delivered(WAIT, |d| d.len() == 2);
+    assert_eq!(got[1].body, "after");
+}
+
+#[test]
 fn a_token_that_cannot_be_read_exits_78_naming_the_key() {
     let stub = Stub::start();
     let cfg = twilio_config(&stub, PUBLIC_URL, "").replace(
