@@ -289,7 +289,7 @@ pub struct PlatformCheckArgs {
     /// The instance's `name`.
     pub name: String,
     /// The platform, when several have an instance of that name (`telegram`, `slack`,
-    /// `whatsapp`, …).
+    /// `whatsapp`, `line`, `twilio`).
     #[arg(long)]
     pub platform: Option<String>,
 }

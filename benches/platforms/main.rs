@@ -2,10 +2,10 @@
 //!
 //! One release gateway (echo agent, log level warn) serves every platform listed below on
 //! its webhook listener; a stub of the platforms' APIs takes the replies. For each platform,
-//! 64 keep-alive connections post signed webhooks of new messages (each answered 200 only
+//! 64 keep-alive connections post signed webhooks of new messages (each answered 2xx only
 //! after its commit: the message, its run and its reply's delivery), and `GET /health` of
 //! the same binary runs in the same rounds for a ratio. The turns and replies behind the
-//! 200s run in the background meanwhile, as in production.
+//! answers run in the background meanwhile, as in production.
 //!
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3), BENCH_CONNS
 //! (default 64), BENCH_PLATFORMS (a comma list, default all).
@@ -15,14 +15,21 @@
 
 #[path = "../../tests/platforms/http_stub.rs"]
 mod http_stub;
+mod line;
 mod run;
 mod slack;
 #[path = "../support/mod.rs"]
 mod support;
+mod twilio;
 mod whatsapp;
 
 /// The platforms measured, in this order.
-const PLATFORMS: &[run::Platform] = &[slack::PLATFORM, whatsapp::PLATFORM];
+const PLATFORMS: &[run::Platform] = &[
+    slack::PLATFORM,
+    whatsapp::PLATFORM,
+    line::PLATFORM,
+    twilio::PLATFORM,
+];
 
 fn main() {
     run::main(PLATFORMS);

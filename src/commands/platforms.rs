@@ -1,13 +1,17 @@
 //! `hermes-gateway platforms check NAME` (a platform instance's credentials, checked with
 //! the platform's cheapest authenticated call: Telegram `getMe`, Slack `auth.test`, WhatsApp
-//! a `GET` of the phone number id) and `platforms telegram set-webhook|
-//! delete-webhook NAME`: the calls a user needs, made with the configured secrets, so that
-//! nobody has to paste a token into curl.
+//! a `GET` of the phone number id, LINE `GET /v2/bot/info`, Twilio a `GET` of the account)
+//! and `platforms telegram set-webhook|delete-webhook NAME`: the calls a user needs, made
+//! with the configured secrets, so that nobody has to paste a token into curl.
 
 use crate::cli::{PlatformCheckArgs, SetWebhookArgs, TelegramNameArgs};
-use crate::config::{Config, SlackConfig, TelegramConfig, WhatsAppConfig};
+use crate::config::{
+    Config, LineConfig, SlackConfig, TelegramConfig, TwilioConfig, WhatsAppConfig,
+};
+use crate::gateway::platforms::line::api::LineApi;
 use crate::gateway::platforms::slack::api::SlackApi;
 use crate::gateway::platforms::telegram::api::BotApi;
+use crate::gateway::platforms::twilio::api::TwilioApi;
 use crate::gateway::platforms::whatsapp::api::GraphApi;
 use crate::lifecycle::ExitStatus;
 
@@ -134,19 +138,24 @@ enum Checked {
     Telegram(TelegramConfig),
     Slack(SlackConfig),
     WhatsApp(WhatsAppConfig),
+    Line(LineConfig),
+    Twilio(TwilioConfig),
 }
 
-/// A secret of `[[platforms.PLATFORM]] NAME`, read (exit 78 naming the key if it cannot be).
+/// A secret of `[[platforms.PLATFORM]] NAME`, read as the gateway reads it (exit 78 naming
+/// the key if it cannot be).
 fn secret(
     platform: &str,
     name: &str,
     key: &str,
     s: &crate::config::SecretSource,
 ) -> Result<crate::config::Secret, ExitStatus> {
-    s.read().map_err(|e| {
-        eprintln!("hermes-gateway: [[platforms.{platform}]] `{name}`: {key}: {e}");
-        ExitStatus::Config
-    })
+    s.read()
+        .map(|v| crate::config::Secret::new(v.expose().trim()))
+        .map_err(|e| {
+            eprintln!("hermes-gateway: [[platforms.{platform}]] `{name}`: {key}: {e}");
+            ExitStatus::Config
+        })
 }
 
 pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
@@ -188,6 +197,28 @@ pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
                     .filter(|t| t.name == args.name)
                     .cloned()
                     .map(Checked::WhatsApp),
+            );
+        }
+        if wanted("line") {
+            found.extend(
+                config
+                    .platforms
+                    .line
+                    .iter()
+                    .filter(|t| t.name == args.name)
+                    .cloned()
+                    .map(Checked::Line),
+            );
+        }
+        if wanted("twilio") {
+            found.extend(
+                config
+                    .platforms
+                    .twilio
+                    .iter()
+                    .filter(|t| t.name == args.name)
+                    .cloned()
+                    .map(Checked::Twilio),
             );
         }
         let one = match found.len() {
@@ -252,6 +283,44 @@ pub fn check(args: &PlatformCheckArgs) -> ExitStatus {
                     w.phone_number_id,
                     me["display_phone_number"].as_str().unwrap_or("?"),
                     me["verified_name"].as_str().unwrap_or("?"),
+                );
+            }
+            Checked::Line(l) => {
+                let token = secret(
+                    "line",
+                    &l.name,
+                    "channel_access_token",
+                    &l.channel_access_token,
+                )?;
+                let info = rt
+                    .block_on(LineApi::new(&l.api_base, token).bot_info())
+                    .map_err(|e| {
+                        eprintln!("hermes-gateway: line `{}`: {e}", l.name);
+                        ExitStatus::Fatal
+                    })?;
+                println!(
+                    "line `{}`: the channel access token works: the bot is {} ({}, user id {})",
+                    l.name,
+                    info["displayName"].as_str().unwrap_or("?"),
+                    info["basicId"].as_str().unwrap_or("?"),
+                    info["userId"].as_str().unwrap_or("?")
+                );
+            }
+            Checked::Twilio(t) => {
+                let token = secret("twilio", &t.name, "auth_token", &t.auth_token)?;
+                let account = rt
+                    .block_on(TwilioApi::new(&t.api_base, &t.account_sid, token).account())
+                    .map_err(|e| {
+                        eprintln!("hermes-gateway: twilio `{}`: {e}", t.name);
+                        ExitStatus::Fatal
+                    })?;
+                println!(
+                    "twilio `{}`: the auth token works: account {} ({}), {}; replies come from {}",
+                    t.name,
+                    account["friendly_name"].as_str().unwrap_or("?"),
+                    t.account_sid,
+                    account["status"].as_str().unwrap_or("?"),
+                    t.from
                 );
             }
         }

@@ -21,8 +21,9 @@ use serde::Deserialize;
 pub use duration::HumanDuration;
 pub use paths::{default_control_path, default_state_dir};
 pub use platforms::{
-    AccessConfig, GroupSessions, PlatformsConfig, SlackConfig, TelegramConfig, TelegramMode,
-    WhatsAppConfig, looks_like_bot_token, looks_like_slack_bot_token,
+    AccessConfig, GroupSessions, LineConfig, PlatformsConfig, SlackConfig, TelegramConfig,
+    TelegramMode, TwilioConfig, WhatsAppConfig, looks_like_bot_token, looks_like_header_value,
+    looks_like_slack_bot_token,
 };
 pub use schedule::{Deliver, Missed, ScheduleConfig};
 pub use sections::{

@@ -640,3 +640,169 @@ fn schedules_take_their_defaults_and_their_errors_name_the_key() {
         }
     );
 }
+
+const LINE: &str = "[[platforms.line]]\nname = \"jp\"\nchannel_secret = \"line-secret-value\"\nchannel_access_token = \"line-token-value\"\n";
+
+#[test]
+fn a_line_instance_takes_its_defaults() {
+    let c = parse(&format!("{LINE}allowed_users = [\"U4af4980629\"]\n")).expect("valid");
+    let l = &c.platforms.line[0];
+    assert_eq!(l.name, "jp");
+    assert_eq!(l.api_base, "https://api.line.me");
+    assert_eq!(l.access.allowed_users, ["U4af4980629"]);
+    assert_eq!(l.send_rate_limit.count, 200);
+    assert_eq!(format!("{:?}", l.channel_secret), "Inline([redacted])");
+    assert_eq!(
+        format!("{:?}", l.channel_access_token),
+        "Inline([redacted])"
+    );
+}
+
+#[test]
+fn line_configuration_errors_name_the_file_and_the_key() {
+    let cases = [
+        (
+            "[[platforms.line]]\nname = \"jp\"\nchannel_access_token = \"t\"\n".to_owned(),
+            "platforms.line[0].channel_secret",
+            "no channel secret",
+        ),
+        (
+            "[[platforms.line]]\nname = \"jp\"\nchannel_secret = \"s\"\n".to_owned(),
+            "platforms.line[0].channel_access_token",
+            "no channel access token",
+        ),
+        (
+            format!("{LINE}channel_secret_file = \"/etc/s\"\n"),
+            "platforms.line[0].channel_secret_file",
+            "one way only",
+        ),
+        (
+            format!("{LINE}{LINE}"),
+            "platforms.line[1].name",
+            "defined twice",
+        ),
+        (
+            LINE.replace("jp", "a b"),
+            "platforms.line[0].name",
+            "/platforms/line/NAME",
+        ),
+        (
+            format!("{LINE}api_base = \"ftp://x\"\n"),
+            "platforms.line[0].api_base",
+            "http",
+        ),
+        (
+            format!("{LINE}allow_all = true\nallowed_users = [\"U1\"]\n"),
+            "platforms.line[0].allow_all",
+            "keep one",
+        ),
+        (
+            format!("{LINE}send_rate_limit = \"fast\"\n"),
+            "platforms.line[0].send_rate_limit",
+            "N/min",
+        ),
+        (
+            format!("{LINE}webhook_secret = \"x\"\n"),
+            "webhook_secret",
+            "unknown field",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("/etc/hermes-gateway/gateway.toml"), "{e}");
+        assert!(e.contains(key), "{key}: {e}");
+        assert!(e.contains(why), "{why}: {e}");
+        assert!(
+            !e.contains("line-secret-value") && !e.contains("line-token-value"),
+            "no secret in {e}"
+        );
+    }
+}
+
+const TWILIO: &str = "[[platforms.twilio]]\nname = \"sms\"\naccount_sid = \"AC0123456789abcdef0123456789abcdef\"\nauth_token = \"twilio-token-value\"\nfrom = \"+15550001111\"\npublic_url = \"https://bot.example.org/platforms/twilio/sms\"\n";
+
+#[test]
+fn a_twilio_instance_takes_its_defaults_and_keeps_its_url_exactly() {
+    let c = parse(&format!(
+        "{}allowed_users = [\"+15552223333\"]\n",
+        TWILIO.replace("twilio/sms\"", "twilio/sms/\"")
+    ))
+    .expect("valid");
+    let t = &c.platforms.twilio[0];
+    assert_eq!(t.name, "sms");
+    assert_eq!(t.api_base, "https://api.twilio.com");
+    assert_eq!(t.from, "+15550001111");
+    // The signature covers the URL: a trailing slash stays.
+    assert_eq!(
+        t.public_url,
+        "https://bot.example.org/platforms/twilio/sms/"
+    );
+    assert_eq!(t.access.allowed_users, ["+15552223333"]);
+    assert_eq!(format!("{:?}", t.auth_token), "Inline([redacted])");
+}
+
+#[test]
+fn twilio_configuration_errors_name_the_file_and_the_key() {
+    let without = |k: &str| {
+        TWILIO
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{k} =")))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    };
+    let cases = [
+        (
+            without("account_sid"),
+            "platforms.twilio[0].account_sid",
+            "Account SID",
+        ),
+        (
+            TWILIO.replace("AC0123456789abcdef0123456789abcdef", "SK123"),
+            "platforms.twilio[0].account_sid",
+            "32 hexadecimal",
+        ),
+        (
+            without("auth_token"),
+            "platforms.twilio[0].auth_token",
+            "no auth token",
+        ),
+        (
+            format!("{TWILIO}auth_token_credential = \"t\"\n"),
+            "platforms.twilio[0].auth_token_credential",
+            "one way only",
+        ),
+        (without("from"), "platforms.twilio[0].from", "+15551234567"),
+        (
+            TWILIO.replace("+15550001111", "my number"),
+            "platforms.twilio[0].from",
+            "E.164",
+        ),
+        (
+            without("public_url"),
+            "platforms.twilio[0].public_url",
+            "exact URL",
+        ),
+        (
+            TWILIO.replace("https://bot.example.org", "bot.example.org"),
+            "platforms.twilio[0].public_url",
+            "http",
+        ),
+        (
+            format!("{TWILIO}{TWILIO}"),
+            "platforms.twilio[1].name",
+            "defined twice",
+        ),
+        (
+            format!("{TWILIO}chat_rate_limit = \"many\"\n"),
+            "platforms.twilio[0].chat_rate_limit",
+            "N/min",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("/etc/hermes-gateway/gateway.toml"), "{e}");
+        assert!(e.contains(key), "{key}: {e}");
+        assert!(e.contains(why), "{why}: {e}");
+        assert!(!e.contains("twilio-token-value"), "no secret in {e}");
+    }
+}

@@ -2,8 +2,10 @@
 //! and who may talk to the agent through them. Each platform's section is a file here;
 //! what they share (user lists, access rules, rates, URLs) is below.
 
+mod line;
 mod slack;
 mod telegram;
+mod twilio;
 mod whatsapp;
 
 use std::time::Duration;
@@ -12,10 +14,14 @@ use serde::Deserialize;
 
 use super::webhook::{RateLimit, rate};
 
+use line::FileLine;
+pub use line::{LineConfig, looks_like_header_value};
 use slack::FileSlack;
 pub use slack::{SlackConfig, looks_like_slack_bot_token};
 use telegram::FileTelegram;
 pub use telegram::{GroupSessions, TelegramConfig, TelegramMode, looks_like_bot_token};
+use twilio::FileTwilio;
+pub use twilio::TwilioConfig;
 use whatsapp::FileWhatsApp;
 pub use whatsapp::WhatsAppConfig;
 
@@ -30,6 +36,10 @@ pub(super) struct FilePlatforms {
     slack: Vec<FileSlack>,
     #[serde(default)]
     whatsapp: Vec<FileWhatsApp>,
+    #[serde(default)]
+    line: Vec<FileLine>,
+    #[serde(default)]
+    twilio: Vec<FileTwilio>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -37,11 +47,17 @@ pub struct PlatformsConfig {
     pub telegram: Vec<TelegramConfig>,
     pub slack: Vec<SlackConfig>,
     pub whatsapp: Vec<WhatsAppConfig>,
+    pub line: Vec<LineConfig>,
+    pub twilio: Vec<TwilioConfig>,
 }
 
 impl PlatformsConfig {
     pub fn is_empty(&self) -> bool {
-        self.telegram.is_empty() && self.slack.is_empty() && self.whatsapp.is_empty()
+        self.telegram.is_empty()
+            && self.slack.is_empty()
+            && self.whatsapp.is_empty()
+            && self.line.is_empty()
+            && self.twilio.is_empty()
     }
 
     /// Whether an instance `name` of `platform` is configured.
@@ -50,6 +66,8 @@ impl PlatformsConfig {
             "telegram" => self.telegram.iter().any(|t| t.name == name),
             "slack" => self.slack.iter().any(|t| t.name == name),
             "whatsapp" => self.whatsapp.iter().any(|t| t.name == name),
+            "line" => self.line.iter().any(|t| t.name == name),
+            "twilio" => self.twilio.iter().any(|t| t.name == name),
             _ => false,
         }
     }
@@ -138,6 +156,33 @@ fn http_url(url: &str, key: &str) -> Result<String, SectionError> {
     Ok(url.trim_end_matches('/').to_owned())
 }
 
+/// An instance's `name`: a URL segment (`/platforms/PLATFORM/NAME`), unique per platform.
+fn instance_name(
+    platform: &str,
+    key: &str,
+    name: &str,
+    taken: &[&str],
+) -> Result<(), SectionError> {
+    if !super::webhook::valid_route_name(name) {
+        return Err((
+            format!("{key}.name"),
+            format!(
+                "`{}` is not a platform name: use 1 to 64 letters, digits, `-`, `_` or `.` (the webhook URL is /platforms/{platform}/NAME)",
+                name.escape_default()
+            ),
+        ));
+    }
+    if taken.contains(&name) {
+        return Err((
+            format!("{key}.name"),
+            format!(
+                "{platform} `{name}` is defined twice: each [[platforms.{platform}]] needs a name of its own"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Who may talk to the agent, as a section gives it: `allowed_users`, `allow_all`,
 /// `pairing`, `admins`. `key` is the section's path (`platforms.telegram[0]`).
 fn access(
@@ -167,5 +212,7 @@ pub(super) fn platforms(f: FilePlatforms) -> Result<PlatformsConfig, SectionErro
         telegram: telegram::telegram(f.telegram)?,
         slack: slack::slack(f.slack)?,
         whatsapp: whatsapp::whatsapp(f.whatsapp)?,
+        line: line::line(f.line)?,
+        twilio: twilio::twilio(f.twilio)?,
     })
 }

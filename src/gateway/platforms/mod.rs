@@ -23,9 +23,11 @@ pub mod chunk;
 mod commands;
 pub mod http;
 mod inbox;
+pub mod line;
 mod outbox;
 pub mod slack;
 pub mod telegram;
+pub mod twilio;
 pub mod webhook;
 pub mod whatsapp;
 
@@ -76,8 +78,23 @@ pub trait Adapter: Send + Sync + 'static {
     /// The most one message may hold, as [`Adapter::unit`] counts.
     fn max_len(&self) -> usize;
     fn unit(&self) -> chunk::Unit;
+    /// How many parts one request may carry (LINE's push takes 5 messages); 1 by default.
+    fn batch(&self) -> usize {
+        1
+    }
     /// Sends one part of a reply.
     fn send_part<'a>(&'a self, target: &'a ChatTarget, part: Part<'a>) -> SendFuture<'a>;
+    /// Sends consecutive parts (2 to [`Adapter::batch`]) in one request: all of them are
+    /// confirmed, or none. The outbox only calls it when `batch() > 1`; by default the
+    /// parts go one by one.
+    fn send_parts<'a>(&'a self, target: &'a ChatTarget, parts: &'a [Part<'a>]) -> SendFuture<'a> {
+        Box::pin(async move {
+            for p in parts {
+                self.send_part(target, *p).await?;
+            }
+            Ok(parts.len())
+        })
+    }
     /// "typing…" in the chat, best effort (a platform without it does nothing).
     fn typing<'a>(&'a self, target: &'a ChatTarget) -> Typing<'a>;
 }
@@ -176,6 +193,17 @@ impl Instance {
         self.health().state = state;
     }
 
+    /// A reload: the access rules now, and the inbound limit if it changed.
+    pub fn reload(&self, access: &AccessConfig, chat_limit: RateLimit) {
+        *self.access.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(access.clone());
+        if chat_limit != self.chat_limit().limit() {
+            *self
+                .chat_limit
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::new(KeyedBuckets::new(chat_limit));
+        }
+    }
+
     fn access(&self) -> Arc<AccessConfig> {
         self.access
             .read()
@@ -228,6 +256,8 @@ struct Inner {
     telegram: HashMap<String, Arc<telegram::Telegram>>,
     slack: HashMap<String, Arc<slack::Slack>>,
     whatsapp: HashMap<String, Arc<whatsapp::WhatsApp>>,
+    line: HashMap<String, Arc<line::Line>>,
+    twilio: HashMap<String, Arc<twilio::Twilio>>,
     /// The instances that take webhooks, by `platform:name`.
     inboxes: HashMap<String, Arc<dyn webhook::WebhookInbox>>,
     /// Webhook bodies: `[webhook] max_body` and `body_timeout`.
@@ -288,6 +318,30 @@ impl Platforms {
             );
             whatsapp.insert(c.name.clone(), w);
         }
+        let mut lines = HashMap::new();
+        for c in &config.platforms.line {
+            let l = Arc::new(line::Line::new(c)?);
+            webhook_platform(
+                &l,
+                l.send_rate(),
+                &mut instances,
+                &mut inboxes,
+                &mut outboxes,
+            );
+            lines.insert(c.name.clone(), l);
+        }
+        let mut twilios = HashMap::new();
+        for c in &config.platforms.twilio {
+            let t = Arc::new(twilio::Twilio::new(c)?);
+            webhook_platform(
+                &t,
+                t.send_rate(),
+                &mut instances,
+                &mut inboxes,
+                &mut outboxes,
+            );
+            twilios.insert(c.name.clone(), t);
+        }
         let chats: HashMap<String, String> = store
             .read_blocking(stored::chat_sessions)
             .map_err(|e| format!("cannot read the chats' sessions: {e}"))?
@@ -321,6 +375,8 @@ impl Platforms {
                 telegram: tg,
                 slack,
                 whatsapp,
+                line: lines,
+                twilio: twilios,
                 inboxes,
                 body_limits: RwLock::new((config.webhook.max_body, config.webhook.body_timeout)),
                 chats: RwLock::new(chats),
@@ -416,6 +472,20 @@ impl Platforms {
             match self.inner.whatsapp.get(&c.name) {
                 Some(live) => live.update(c),
                 None => added("whatsapp", &c.name),
+            }
+        }
+        for c in &config.platforms.line {
+            seen.insert(format!("line:{}", c.name));
+            match self.inner.line.get(&c.name) {
+                Some(live) => live.update(c),
+                None => added("line", &c.name),
+            }
+        }
+        for c in &config.platforms.twilio {
+            seen.insert(format!("twilio:{}", c.name));
+            match self.inner.twilio.get(&c.name) {
+                Some(live) => live.update(c),
+                None => added("twilio", &c.name),
             }
         }
         for i in &self.inner.instances {
