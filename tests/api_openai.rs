@@ -190,10 +190,20 @@ fn an_upstream_5xx_is_a_502() {
             .contains("upstream overloaded"),
         "{v}"
     );
-    // Streaming: the error arrives as an SSE error object.
+    // Streaming: the error arrives in a finish chunk (`finish_reason: "error"`, the error
+    // object, `hermes.error_code`), then `[DONE]`.
     let r = chat(addr, "fail", true);
-    let last = r.sse().last().cloned().unwrap();
-    assert!(last.1.contains("upstream overloaded"), "{last:?}");
+    let events = r.sse();
+    assert_eq!(events.last().unwrap().1, "[DONE]", "{events:?}");
+    let finish: Value = serde_json::from_str(&events[events.len() - 2].1).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "error", "{finish}");
+    assert_eq!(finish["hermes"]["error_code"], "agent_error");
+    assert!(
+        finish["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("upstream overloaded")),
+        "{finish}"
+    );
 }
 
 #[test]

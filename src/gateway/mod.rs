@@ -134,7 +134,7 @@ impl Gateway {
         let webhooks = webhooks::Webhooks::new(&config.webhook, table, ledger.clone());
         let api = api::ApiState::new(
             sessions.clone(),
-            lifecycle.shutdown(),
+            lifecycle.clone(),
             &config.api,
             keys,
             &config.agent.model,
@@ -161,11 +161,17 @@ impl Service for Gateway {
         match name {
             "control" => control::router(self.lifecycle.clone())
                 .merge(deliveries::api::router(self.ledger.clone(), "")),
-            "api" => health::router().merge(api::router(self.api.clone())).merge(
-                deliveries::api::router(self.ledger.clone(), "/v1").route_layer(
-                    axum::middleware::from_fn_with_state(self.api.clone(), api::authenticate),
-                ),
-            ),
+            // Authenticated before routing: an unknown `/v1` path with a wrong key is 401.
+            "api" => {
+                return health::router()
+                    .merge(api::router(self.api.clone()))
+                    .merge(deliveries::api::router(self.ledger.clone(), "/v1"))
+                    .fallback(error::not_found)
+                    .layer(axum::middleware::from_fn_with_state(
+                        self.api.clone(),
+                        api::authenticate,
+                    ));
+            }
             "webhook" => health::router().merge(webhooks::router(self.webhooks.clone())),
             _ => health::router(),
         }

@@ -16,6 +16,7 @@
 
 pub mod deliveries;
 mod migrations;
+pub mod responses;
 pub mod runs;
 pub mod sessions;
 

@@ -405,7 +405,9 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
         c.execute_batch(
-            "DROP INDEX deliveries_finished;
+            "DROP TABLE responses;
+             DROP TABLE session_keys;
+             DROP INDEX deliveries_finished;
              DROP TABLE turn_log_next;
              CREATE INDEX turn_log_session ON turn_log (session_id, seq);
              INSERT INTO turn_log (session_id, seq, message, run_id, created_at)

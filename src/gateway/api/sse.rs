@@ -1,5 +1,6 @@
-//! Server-sent events: a response body fed from a channel, and the `gateway_restarting`
-//! error that ends every stream still open just before the drain deadline.
+//! Server-sent events: a response body fed from a channel, the `: keepalive` comment sent
+//! after `[api] keepalive` of silence, and the `gateway_restarting` error that ends every
+//! stream still open just before the drain deadline.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -71,16 +72,52 @@ pub fn event(id: Option<i64>, name: Option<&str>, data: &str) -> Bytes {
     Bytes::from(s)
 }
 
-/// The error event that ends a stream cut by a restart or stop.
+/// What a stream cut by a restart or stop says.
+pub const RESTARTING_MESSAGE: &str = "the gateway is restarting; retry the request (a run goes on after the restart: GET /v1/runs/{id}/events)";
+
+/// The error object of a stream cut by a restart or stop.
+pub fn restarting_error() -> serde_json::Value {
+    json!({
+        "message": RESTARTING_MESSAGE,
+        "type": "gateway_restarting",
+        "code": 503,
+    })
+}
+
+/// The error event that ends a run's event stream cut by a restart or stop.
 pub fn restarting_event() -> Bytes {
-    let data = json!({
-        "error": {
-            "message": "the gateway is restarting; retry the request (a run goes on after the restart: GET /v1/runs/{id}/events)",
-            "type": "gateway_restarting",
-            "code": 503,
-        }
-    });
+    let data = json!({ "error": restarting_error() });
     event(None, Some("error"), &data.to_string())
+}
+
+/// The SSE comment sent on a stream that has been silent for `[api] keepalive`, so that
+/// clients and proxies with a read timeout keep it open.
+pub fn keepalive_comment() -> Bytes {
+    Bytes::from_static(b": keepalive\n\n")
+}
+
+/// The silence of a stream: [`Idle::elapsed`] resolves once nothing was sent for the
+/// keepalive interval; [`Idle::reset`] after each send.
+pub struct Idle {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    every: Duration,
+}
+
+impl Idle {
+    pub fn new(every: Duration) -> Self {
+        Idle {
+            sleep: Box::pin(tokio::time::sleep(every)),
+            every,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.sleep.as_mut().reset(Instant::now() + self.every);
+    }
+
+    pub async fn elapsed(&mut self) {
+        self.sleep.as_mut().await;
+    }
 }
 
 /// Resolves `RESTART_MARGIN` before the drain deadline (at once if that has passed).
