@@ -139,6 +139,7 @@ impl Gateway {
             keys,
             &config.agent.model,
         );
+        api::responses::spawn_pruner(api.clone());
         Ok(Gateway {
             lifecycle,
             api,

@@ -119,7 +119,7 @@ pub(super) fn json_response<T: Serialize>(v: &T) -> Response {
     }
 }
 
-pub(super) fn unix_now() -> u64 {
+fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -218,6 +218,7 @@ async fn completions_inner(
         run_id: id.clone(),
         session_id,
         session_key,
+        instructions: None,
         messages,
         model: model.clone(),
         params,

@@ -3,6 +3,7 @@
 
 mod capabilities;
 mod chat;
+pub mod responses;
 mod runs;
 mod sessions;
 pub mod sse;
@@ -37,6 +38,8 @@ pub struct ApiState {
     pub sessions: Sessions,
     pub shutdown: Shutdown,
     lifecycle: LifecycleHandle,
+    /// Where recent stored responses ended (see `responses`).
+    responses: responses::Index,
     live: RwLock<Live>,
 }
 
@@ -46,6 +49,7 @@ struct Live {
     max_body: u64,
     body_timeout: Duration,
     keepalive: Duration,
+    response_retention: Duration,
     model: String,
 }
 
@@ -63,11 +67,13 @@ impl ApiState {
             sessions,
             shutdown: lifecycle.shutdown(),
             lifecycle,
+            responses: responses::Index::default(),
             live: RwLock::new(Live {
                 keys: Arc::new(keys),
                 max_body: api.max_body,
                 body_timeout: api.body_timeout,
                 keepalive: api.keepalive,
+                response_retention: api.response_retention,
                 model: model.to_owned(),
             }),
         })
@@ -79,6 +85,7 @@ impl ApiState {
         l.max_body = api.max_body;
         l.body_timeout = api.body_timeout;
         l.keepalive = api.keepalive;
+        l.response_retention = api.response_retention;
         l.model = model.to_owned();
     }
 
@@ -93,6 +100,10 @@ impl ApiState {
     pub fn keepalive(&self) -> Duration {
         self.live(|l| l.keepalive)
     }
+
+    pub fn response_retention(&self) -> Duration {
+        self.live(|l| l.response_retention)
+    }
 }
 
 pub fn router(state: Shared) -> Router {
@@ -106,6 +117,15 @@ pub fn router(state: Shared) -> Router {
         // The upstream hermes API server's name for the same.
         .route("/v1/runs/{id}/stop", post(runs::cancel))
         .route("/v1/capabilities", get(capabilities::capabilities))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route("/health/detailed", get(capabilities::health_detailed))
         .route("/v1/sessions", get(sessions::list))
         .route(

@@ -69,6 +69,9 @@ pub struct Turn {
     /// The client's `X-Hermes-Session-Key`: kept with the session, passed to the agent. A
     /// turn without one passes the key kept with its session, if any.
     pub session_key: Option<String>,
+    /// A system message given to the agent before the history, and not stored (a
+    /// response's `instructions`).
+    pub instructions: Option<String>,
     /// The messages the turn adds (after the stored history, when there is a session).
     pub messages: Vec<Value>,
     pub model: String,
@@ -524,6 +527,7 @@ impl Sessions {
             run_id,
             session_id,
             session_key,
+            instructions,
             messages,
             model,
             params,
@@ -558,7 +562,7 @@ impl Sessions {
                     r.key = Some(k.clone());
                 }
                 let messages: Vec<Arc<Value>> = messages.into_iter().map(Arc::new).collect();
-                let input = turn_input(
+                let mut input = turn_input(
                     &session_id,
                     new_key.clone().or(kept_key),
                     &run_id,
@@ -568,6 +572,11 @@ impl Sessions {
                     params,
                     stream,
                 );
+                if let Some(i) = instructions {
+                    input
+                        .messages
+                        .insert(0, Arc::new(json!({"role": "system", "content": i})));
+                }
                 let agent = self.agent();
                 let mut sink = |d: Delta<'_>| {
                     if let Some(deltas) = &deltas {
@@ -947,6 +956,7 @@ fn run_turn(row: RunRow, messages: Vec<Value>, live: Arc<LiveRun>, attempt: i64)
         run_id: row.id,
         session_id: row.session_id,
         session_key: None,
+        instructions: None,
         messages,
         model: row.model,
         params: Map::new(),

@@ -22,6 +22,7 @@ fn chat(session: &str) -> (Turn, oneshot::Receiver<Result<Reply, TurnError>>) {
         run_id: crate::gateway::ids::new_id("chatcmpl"),
         session_id: Some(session.to_owned()),
         session_key: None,
+        instructions: None,
         messages: vec![json!({"role": "user", "content": "hi"})],
         model: "m".into(),
         params: Map::new(),
