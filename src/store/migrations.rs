@@ -112,7 +112,8 @@ const MIGRATIONS: &[&str] = &[
     // `X-Hermes-Session-Key`, and stored responses (`/v1/responses`). A response's turn is
     // stored in its session like any other; the row says which session, and how many of
     // its messages were there once it was answered (`session_end`), so that a response
-    // can be continued from. Ids sort by creation; `created_at` is indexed for the pruning.
+    // can be continued from. Rows are inserted in `created_at` order, so the rowid order
+    // is the age order the pruning walks: no index of their own besides the id's.
     r#"
     CREATE TABLE session_keys (
         session_id  TEXT PRIMARY KEY,
@@ -132,7 +133,6 @@ const MIGRATIONS: &[&str] = &[
         metadata              TEXT,
         created_at            INTEGER NOT NULL
     );
-    CREATE INDEX responses_created ON responses (created_at);
     "#,
 ];
 

@@ -83,8 +83,20 @@ pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
         > 0)
 }
 
-/// Deletes the responses created before `cutoff` (ms); how many.
+/// Deletes the responses created before `cutoff` (ms); how many. Rows are inserted in
+/// `created_at` order (it is their commit's time), so the expired ones are those before
+/// the first row, in rowid order, that is not: the walk costs what it deletes.
 pub fn prune(conn: &Connection, cutoff: i64) -> rusqlite::Result<usize> {
-    conn.prepare_cached("DELETE FROM responses WHERE created_at < ?1")?
-        .execute([cutoff])
+    let first_kept: Option<i64> = conn
+        .prepare_cached(
+            "SELECT rowid FROM responses WHERE created_at >= ?1 ORDER BY rowid LIMIT 1",
+        )?
+        .query_row([cutoff], |r| r.get(0))
+        .optional()?;
+    match first_kept {
+        Some(rowid) => conn
+            .prepare_cached("DELETE FROM responses WHERE rowid < ?1")?
+            .execute([rowid]),
+        None => conn.prepare_cached("DELETE FROM responses")?.execute([]),
+    }
 }

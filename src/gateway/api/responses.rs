@@ -23,7 +23,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -61,9 +61,7 @@ struct CreateResponse {
     top_p: Option<f64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
-    /// Everything else OpenAI defines (tools, reasoning, text, …): accepted, not used.
-    #[serde(flatten)]
-    _rest: Map<String, Value>,
+    // Everything else OpenAI defines (tools, reasoning, text, …) is accepted, not used.
 }
 
 #[derive(Deserialize)]
@@ -253,22 +251,76 @@ fn input_messages(input: Input) -> Result<Vec<Value>, ApiError> {
     Ok(out)
 }
 
-/// What a response object is made of, stored or not.
+/// A response object, serialized straight from borrowed fields (a `json!` value would
+/// build a map of owned strings for each of the several times a stream sends it).
+#[derive(Serialize)]
 struct View<'a> {
     id: &'a str,
+    object: &'static str,
     created_at: i64,
-    model: &'a str,
     status: &'a str,
-    text: Option<&'a str>,
-    usage: Option<Value>,
+    model: &'a str,
+    output: Option<[OutputMessage<'a>; 1]>,
+    output_text: &'a str,
+    usage: Option<UsageOut>,
     previous_response_id: Option<&'a str>,
-    conversation: Option<&'a str>,
+    conversation: Option<ConversationRef<'a>>,
     instructions: Option<&'a str>,
-    metadata: Option<Value>,
+    metadata: &'a Value,
     store: bool,
-    error: Option<Value>,
+    error: Option<&'a Value>,
+    incomplete_details: Option<()>,
+    parallel_tool_calls: bool,
+    tool_choice: &'static str,
+    tools: [(); 0],
+    text: TextConfig,
+    truncation: &'static str,
 }
 
+#[derive(Serialize)]
+struct ConversationRef<'a> {
+    id: &'a str,
+}
+
+#[derive(Serialize)]
+struct TextConfig {
+    format: TextFormat,
+}
+
+#[derive(Serialize)]
+struct TextFormat {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct UsageOut {
+    input_tokens: u64,
+    output_tokens: u64,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct OutputMessage<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    status: &'a str,
+    role: &'static str,
+    content: &'a [Part<'a>],
+}
+
+#[derive(Serialize)]
+struct Part<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    annotations: [(); 0],
+}
+
+static EMPTY_OBJECT: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| json!({}));
+
+/// The message item's id of a response.
 fn message_id(response_id: &str) -> String {
     format!(
         "msg_{}",
@@ -276,79 +328,106 @@ fn message_id(response_id: &str) -> String {
     )
 }
 
-fn output_message(response_id: &str, text: &str, status: &str) -> Value {
-    json!({
-        "id": message_id(response_id),
-        "type": "message",
-        "status": status,
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
-    })
+/// What a response object is made of, stored or not; [`Fields::view`] borrows from it.
+struct Fields<'a> {
+    id: &'a str,
+    item_id: &'a str,
+    created_at: i64,
+    model: &'a str,
+    previous_response_id: Option<&'a str>,
+    conversation: Option<&'a str>,
+    instructions: Option<&'a str>,
+    metadata: Option<&'a Value>,
+    store: bool,
 }
 
-impl View<'_> {
-    fn json(&self) -> Value {
-        let output = match self.text {
-            Some(t) => vec![output_message(self.id, t, "completed")],
-            None => Vec::new(),
-        };
-        json!({
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": self.status,
-            "model": self.model,
-            "output": output,
-            "output_text": self.text.unwrap_or(""),
-            "usage": self.usage.clone().unwrap_or(Value::Null),
-            "previous_response_id": self.previous_response_id,
-            "conversation": self.conversation.map(|c| json!({"id": c})),
-            "instructions": self.instructions,
-            "metadata": self.metadata.clone().unwrap_or_else(|| json!({})),
-            "store": self.store,
-            "error": self.error.clone().unwrap_or(Value::Null),
-            "incomplete_details": null,
-            "parallel_tool_calls": false,
-            "tool_choice": "none",
-            "tools": [],
-            "text": {"format": {"type": "text"}},
-            "truncation": "disabled",
-        })
+impl<'a> Fields<'a> {
+    fn view(
+        &self,
+        status: &'a str,
+        text: Option<&'a [Part<'a>; 1]>,
+        usage: Option<UsageOut>,
+        error: Option<&'a Value>,
+    ) -> View<'a> {
+        View {
+            id: self.id,
+            object: "response",
+            created_at: self.created_at,
+            status,
+            model: self.model,
+            output: text.map(|t| {
+                [OutputMessage {
+                    id: self.item_id,
+                    kind: "message",
+                    status: "completed",
+                    role: "assistant",
+                    content: t,
+                }]
+            }),
+            output_text: text.map_or("", |t| t[0].text),
+            usage,
+            previous_response_id: self.previous_response_id,
+            conversation: self.conversation.map(|id| ConversationRef { id }),
+            instructions: self.instructions,
+            metadata: self.metadata.unwrap_or(&EMPTY_OBJECT),
+            store: self.store,
+            error,
+            incomplete_details: None,
+            parallel_tool_calls: false,
+            tool_choice: "none",
+            tools: [],
+            text: TextConfig {
+                format: TextFormat { kind: "text" },
+            },
+            truncation: "disabled",
+        }
     }
 }
 
-fn usage_json(r: &Reply) -> Option<Value> {
-    r.usage.map(|u| {
-        json!({
-            "input_tokens": u.prompt_tokens,
-            "output_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens,
-        })
+fn text_part(text: &str) -> [Part<'_>; 1] {
+    [Part {
+        kind: "output_text",
+        text,
+        annotations: [],
+    }]
+}
+
+fn usage_out(r: &Reply) -> Option<UsageOut> {
+    r.usage.map(|u| UsageOut {
+        input_tokens: u.prompt_tokens,
+        output_tokens: u.completion_tokens,
+        total_tokens: u.total_tokens,
     })
 }
 
-fn row_view(r: &ResponseRow) -> Value {
-    View {
+fn row_view(r: &ResponseRow) -> Response {
+    let item_id = message_id(&r.id);
+    let metadata = r
+        .metadata
+        .as_deref()
+        .and_then(|m| serde_json::from_str(m).ok());
+    let usage = r
+        .usage
+        .as_deref()
+        .and_then(|u| serde_json::from_str::<Value>(u).ok())
+        .map(|u| UsageOut {
+            input_tokens: u["input_tokens"].as_u64().unwrap_or(0),
+            output_tokens: u["output_tokens"].as_u64().unwrap_or(0),
+            total_tokens: u["total_tokens"].as_u64().unwrap_or(0),
+        });
+    let part = text_part(&r.output);
+    let f = Fields {
         id: &r.id,
+        item_id: &item_id,
         created_at: r.created_at / 1000,
         model: &r.model,
-        status: "completed",
-        text: Some(&r.output),
-        usage: r
-            .usage
-            .as_deref()
-            .and_then(|u| serde_json::from_str(u).ok()),
         previous_response_id: r.previous_response_id.as_deref(),
         conversation: r.conversation.as_deref(),
         instructions: r.instructions.as_deref(),
-        metadata: r
-            .metadata
-            .as_deref()
-            .and_then(|m| serde_json::from_str(m).ok()),
+        metadata: metadata.as_ref(),
         store: true,
-        error: None,
-    }
-    .json()
+    };
+    json_response(&f.view("completed", Some(&part), usage, None))
 }
 
 /// Where a new response's turn goes: its session (`None`: nothing is stored), the
@@ -534,8 +613,10 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
             Some(Box::new(move |c, reply: &Reply, end| {
                 let row = ResponseRow {
                     session_end: end,
+                    // The commit's time: rows go in in this order (see the pruning).
+                    created_at: store::now_ms(),
                     output: reply.text.clone(),
-                    usage: usage_json(reply).map(|u| u.to_string()),
+                    usage: usage_out(reply).and_then(|u| serde_json::to_string(&u).ok()),
                     ..row
                 };
                 responses::insert(c, &row)?;
@@ -570,6 +651,7 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
         },
     };
     let meta = Meta {
+        item_id: message_id(&id),
         id,
         created_at: created_at / 1000,
         model,
@@ -602,27 +684,38 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
             .map_err(|_| err(ApiError::internal("the turn was dropped")))?;
         let reply = result.map_err(|e| err(turn_error(&e)))?;
         meta.index();
-        let mut r = json_response(&meta.view("completed", Some(&reply), None));
+        let part = text_part(&reply.text);
+        let mut r = json_response(&meta.fields().view(
+            "completed",
+            Some(&part),
+            usage_out(&reply),
+            None,
+        ));
         echo(&mut r);
         return Ok(r);
     };
-    s.sessions.submit(turn).map_err(|b| busy(&b))?;
-    let (tx, mut response) = sse::response();
+    // The turn runs within the stream's body, on the connection's task (no task, channel
+    // or wake-up of its own when its session is idle), once the limits said it would be
+    // accepted.
+    s.sessions
+        .check(placement.session.as_deref())
+        .map_err(|b| busy(&b))?;
+    let sessions = s.sessions.clone();
+    let (shutdown, keepalive) = (s.shutdown.clone(), s.keepalive());
+    let mut response = sse::driven(move |tx| async move {
+        let stream = stream_response(meta, tx, drx, done_rx, shutdown, keepalive);
+        // Refused after all (the limits changed since the check): the stream says so,
+        // its answer having been dropped.
+        let _ = tokio::join!(sessions.run_here(turn), stream);
+    });
     echo(&mut response);
-    tokio::spawn(stream_response(
-        meta,
-        tx,
-        drx,
-        done_rx,
-        s.shutdown.clone(),
-        s.keepalive(),
-    ));
     Ok(response)
 }
 
 /// What the response object repeats in every event.
 struct Meta {
     id: String,
+    item_id: String,
     created_at: i64,
     model: String,
     previous_response_id: Option<String>,
@@ -645,38 +738,95 @@ impl Meta {
         }
     }
 
-    fn view(&self, status: &str, reply: Option<&Reply>, error: Option<Value>) -> Value {
-        View {
+    fn fields(&self) -> Fields<'_> {
+        Fields {
             id: &self.id,
+            item_id: &self.item_id,
             created_at: self.created_at,
             model: &self.model,
-            status,
-            text: reply.map(|r| r.text.as_str()),
-            usage: reply.and_then(usage_json),
             previous_response_id: self.previous_response_id.as_deref(),
             conversation: self.conversation.as_deref(),
             instructions: self.instructions.as_deref(),
-            metadata: self.metadata.clone(),
+            metadata: self.metadata.as_ref(),
             store: self.store,
-            error,
         }
-        .json()
     }
 }
 
-/// Numbers the events of one stream.
+/// One event of a streamed response: `{"type", "sequence_number", …body}`.
+#[derive(Serialize)]
+struct Event<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    sequence_number: u64,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Serialize)]
+struct WithResponse<'a> {
+    response: &'a View<'a>,
+}
+
+#[derive(Serialize)]
+struct ItemEvent<'a> {
+    output_index: u32,
+    item: &'a OutputMessage<'a>,
+}
+
+#[derive(Serialize)]
+struct PartEvent<'a> {
+    item_id: &'a str,
+    output_index: u32,
+    content_index: u32,
+    part: &'a Part<'a>,
+}
+
+#[derive(Serialize)]
+struct TextEvent<'a> {
+    item_id: &'a str,
+    output_index: u32,
+    content_index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ErrorEvent<'a> {
+    code: &'a str,
+    message: &'a str,
+    param: Option<()>,
+}
+
+/// Numbers the events of one stream and writes them, several into one buffer when they
+/// go out together.
 struct Events {
     seq: u64,
+    buf: Vec<u8>,
 }
 
 impl Events {
-    fn next(&mut self, kind: &str, mut data: Value) -> Bytes {
-        if let Some(o) = data.as_object_mut() {
-            o.insert("type".into(), Value::from(kind));
-            o.insert("sequence_number".into(), Value::from(self.seq));
+    fn push<T: Serialize>(&mut self, kind: &str, body: T) {
+        self.buf.extend_from_slice(b"event: ");
+        self.buf.extend_from_slice(kind.as_bytes());
+        self.buf.extend_from_slice(b"\ndata: ");
+        let ev = Event {
+            kind,
+            sequence_number: self.seq,
+            body,
+        };
+        if serde_json::to_writer(&mut self.buf, &ev).is_err() {
+            // Only a failing Serialize impl errs; ours do not. The event goes out empty.
+            self.buf.extend_from_slice(b"{}");
         }
+        self.buf.extend_from_slice(b"\n\n");
         self.seq += 1;
-        sse::event(None, Some(kind), &data.to_string())
+    }
+
+    fn take(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.buf))
     }
 }
 
@@ -692,29 +842,44 @@ async fn stream_response(
     shutdown: crate::lifecycle::Shutdown,
     keepalive: Duration,
 ) {
-    let mut ev = Events { seq: 0 };
-    let item_id = message_id(&meta.id);
-    let pending = meta.view("in_progress", None, None);
-    let opening = [
-        ev.next("response.created", json!({"response": pending})),
-        ev.next("response.in_progress", json!({"response": pending})),
-        ev.next(
-            "response.output_item.added",
-            json!({"output_index": 0, "item": {
-                "id": item_id, "type": "message", "status": "in_progress",
-                "role": "assistant", "content": [],
-            }}),
-        ),
-        ev.next(
-            "response.content_part.added",
-            json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                   "part": {"type": "output_text", "text": "", "annotations": []}}),
-        ),
-    ];
-    for b in opening {
-        if tx.send(b).await.is_err() {
-            return;
-        }
+    let mut ev = Events {
+        seq: 0,
+        buf: Vec::with_capacity(2048),
+    };
+    let f = meta.fields();
+    let item_id = f.item_id;
+    let empty = text_part("");
+    {
+        let pending = f.view("in_progress", None, None, None);
+        ev.push("response.created", WithResponse { response: &pending });
+        ev.push("response.in_progress", WithResponse { response: &pending });
+    }
+    let opening_item = OutputMessage {
+        id: item_id,
+        kind: "message",
+        status: "in_progress",
+        role: "assistant",
+        content: &[],
+    };
+    ev.push(
+        "response.output_item.added",
+        ItemEvent {
+            output_index: 0,
+            item: &opening_item,
+        },
+    );
+    ev.push(
+        "response.content_part.added",
+        PartEvent {
+            item_id,
+            output_index: 0,
+            content_index: 0,
+            part: &empty[0],
+        },
+    );
+    // The opening events go out as one piece.
+    if tx.send(ev.take()).await.is_err() {
+        return;
     }
     let notice = sse::restart_notice(shutdown);
     tokio::pin!(notice);
@@ -724,10 +889,13 @@ async fn stream_response(
         let out = tokio::select! {
             biased;
             d = drx.recv(), if pieces_open => match d {
-                Some(Piece::Text(t)) => ev.next(
-                    "response.output_text.delta",
-                    json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": t}),
-                ),
+                Some(Piece::Text(t)) => {
+                    ev.push("response.output_text.delta", TextEvent {
+                        item_id, output_index: 0, content_index: 0,
+                        delta: Some(&t), text: None,
+                    });
+                    ev.take()
+                }
                 // Reasoning and upstream events have no place in this stream.
                 Some(_) => continue,
                 None => {
@@ -738,12 +906,9 @@ async fn stream_response(
             r = &mut done_rx, if !pieces_open => break r,
             () = &mut notice => {
                 let e = sse::restarting_error();
-                let b = ev.next("error", json!({
-                    "code": "gateway_restarting",
-                    "message": e.get("message").cloned().unwrap_or(Value::Null),
-                    "param": null,
-                }));
-                let _ = tx.send(b).await;
+                let message = e.get("message").and_then(Value::as_str).unwrap_or("");
+                ev.push("error", ErrorEvent { code: "gateway_restarting", message, param: None });
+                let _ = tx.send(ev.take()).await;
                 return;
             }
             () = idle.elapsed() => sse::keepalive_comment(),
@@ -754,53 +919,54 @@ async fn stream_response(
         }
         idle.reset();
     };
-    let closing = match result {
+    match result {
         Ok(Ok(reply)) => {
             meta.index();
-            let part = json!({"type": "output_text", "text": reply.text, "annotations": []});
-            vec![
-                ev.next(
-                    "response.output_text.done",
-                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                           "text": reply.text}),
-                ),
-                ev.next(
-                    "response.content_part.done",
-                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                           "part": part}),
-                ),
-                ev.next(
+            let part = text_part(&reply.text);
+            ev.push(
+                "response.output_text.done",
+                TextEvent {
+                    item_id,
+                    output_index: 0,
+                    content_index: 0,
+                    delta: None,
+                    text: Some(&reply.text),
+                },
+            );
+            ev.push(
+                "response.content_part.done",
+                PartEvent {
+                    item_id,
+                    output_index: 0,
+                    content_index: 0,
+                    part: &part[0],
+                },
+            );
+            let done = f.view("completed", Some(&part), usage_out(&reply), None);
+            if let Some(item) = &done.output {
+                ev.push(
                     "response.output_item.done",
-                    json!({"output_index": 0,
-                           "item": output_message(&meta.id, &reply.text, "completed")}),
-                ),
-                ev.next(
-                    "response.completed",
-                    json!({"response": meta.view("completed", Some(&reply), None)}),
-                ),
-            ]
+                    ItemEvent {
+                        output_index: 0,
+                        item: &item[0],
+                    },
+                );
+            }
+            ev.push("response.completed", WithResponse { response: &done });
         }
         Ok(Err(e)) => {
-            let a = turn_error(&e);
-            let error = json!({"code": "agent_error", "message": a.message});
-            vec![ev.next(
-                "response.failed",
-                json!({"response": meta.view("failed", None, Some(error))}),
-            )]
+            let error = json!({"code": "agent_error", "message": turn_error(&e).message});
+            let failed = f.view("failed", None, None, Some(&error));
+            ev.push("response.failed", WithResponse { response: &failed });
         }
         Err(_) => {
             let error = json!({"code": "server_error", "message": "the turn was dropped"});
-            vec![ev.next(
-                "response.failed",
-                json!({"response": meta.view("failed", None, Some(error))}),
-            )]
-        }
-    };
-    for b in closing {
-        if tx.send(b).await.is_err() {
-            return;
+            let failed = f.view("failed", None, None, Some(&error));
+            ev.push("response.failed", WithResponse { response: &failed });
         }
     }
+    // The closing events go out as one piece.
+    let _ = tx.send(ev.take()).await;
 }
 
 async fn load(s: &Shared, id: &str) -> Result<ResponseRow, Response> {
@@ -815,7 +981,7 @@ async fn load(s: &Shared, id: &str) -> Result<ResponseRow, Response> {
 
 pub async fn get(State(s): State<Shared>, Path(id): Path<String>) -> Response {
     match load(&s, &id).await {
-        Ok(r) => Json(row_view(&r)).into_response(),
+        Ok(r) => row_view(&r),
         Err(r) => r,
     }
 }

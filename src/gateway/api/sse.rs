@@ -3,6 +3,7 @@
 //! stream still open just before the drain deadline.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,11 +37,55 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// A body that also drives the future feeding its channel: both are polled by the
+/// connection's own task, so a stream costs no task, cross-thread wake-up or hand-over of
+/// its own. Dropping the body (the client went away) drops the future.
+struct DrivenBody {
+    rx: mpsc::Receiver<Bytes>,
+    feed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl http_body::Body for DrivenBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(f) = self.feed.as_mut()
+            && f.as_mut().poll(cx).is_ready()
+        {
+            // Its sender is dropped with it: what it sent is read, then the end.
+            self.feed = None;
+        }
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A `text/event-stream` response fed by the future `feed` builds from a sender, driven
+/// by the body itself (see `DrivenBody`).
+pub fn driven<F, Fut>(feed: F) -> Response
+where
+    F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    stream_response(Body::new(DrivenBody {
+        rx,
+        feed: Some(Box::pin(feed(tx))),
+    }))
+}
+
 /// A `text/event-stream` response and the sender that feeds it. A send fails once the
 /// client has gone.
 pub fn response() -> (mpsc::Sender<Bytes>, Response) {
     let (tx, rx) = mpsc::channel(64);
-    let mut r = Response::new(Body::new(ChannelBody(rx)));
+    (tx, stream_response(Body::new(ChannelBody(rx))))
+}
+
+fn stream_response(body: Body) -> Response {
+    let mut r = Response::new(body);
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
     h.insert(
@@ -49,7 +94,7 @@ pub fn response() -> (mpsc::Sender<Bytes>, Response) {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    (tx, r)
+    r
 }
 
 /// One event: optional `id:` and `event:` lines, then `data:`.

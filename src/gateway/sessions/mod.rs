@@ -540,7 +540,6 @@ impl Sessions {
                 mut done,
                 record,
             } => {
-                let guarded = record.is_some();
                 if done.is_closed() {
                     // Queued, and its client has gone since: nobody to answer.
                     tracing::info!(
@@ -618,12 +617,8 @@ impl Sessions {
                             Ok((first, rows, reply))
                         };
                         // An append breaks no constraint: only a failing database fails it.
-                        // A record may (a response id used twice): it gets a savepoint.
-                        let written = if guarded {
-                            self.inner.store.write(job).await
-                        } else {
-                            self.inner.store.write_unguarded(job).await
-                        };
+                        // Nor does a record (a response's row, under a fresh unique id).
+                        let written = self.inner.store.write_unguarded(job).await;
                         match written {
                             Ok((first, rows, reply)) => {
                                 self.keep_history(
