@@ -163,15 +163,16 @@ impl Service for Gateway {
             "control" => control::router(self.lifecycle.clone())
                 .merge(deliveries::api::router(self.ledger.clone(), "")),
             // Authenticated before routing: an unknown `/v1` path with a wrong key is 401.
+            // Plain `/health` stays outside the layer, and costs what it did.
             "api" => {
-                return health::router()
-                    .merge(api::router(self.api.clone()))
+                let authenticated = api::router(self.api.clone())
                     .merge(deliveries::api::router(self.ledger.clone(), "/v1"))
                     .fallback(error::not_found)
                     .layer(axum::middleware::from_fn_with_state(
                         self.api.clone(),
                         api::authenticate,
                     ));
+                return health::router().merge(authenticated);
             }
             "webhook" => health::router().merge(webhooks::router(self.webhooks.clone())),
             _ => health::router(),

@@ -261,7 +261,6 @@ struct View<'a> {
     status: &'a str,
     model: &'a str,
     output: Option<[OutputMessage<'a>; 1]>,
-    output_text: &'a str,
     usage: Option<UsageOut>,
     previous_response_id: Option<&'a str>,
     conversation: Option<ConversationRef<'a>>,
@@ -364,7 +363,6 @@ impl<'a> Fields<'a> {
                     content: t,
                 }]
             }),
-            output_text: text.map_or("", |t| t[0].text),
             usage,
             previous_response_id: self.previous_response_id,
             conversation: self.conversation.map(|id| ConversationRef { id }),
@@ -590,7 +588,7 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
     }
     let created_at = store::now_ms();
     let metadata = req.metadata.map(Value::Object);
-    let input_json = Value::Array(messages.clone()).to_string();
+    let input_json = serde_json::to_string(&messages).unwrap_or_else(|_| "[]".into());
     // Where the stored turn ended, once its commit is done: for the index.
     let stored_end = Arc::new(AtomicI64::new(-1));
     let record: Option<Record> = match &placement.session {
