@@ -7,7 +7,11 @@
 //! `TURNS_PER_SESSION` turns, so the history prepended stays that of a short conversation.
 //! Rounds alternate the two workloads; the medians are printed side by side, with the CPU
 //! time per request of the gateway and of this load generator (both share the machine's
-//! cores), and the share of the CPU that other processes took meanwhile. Then it
+//! cores), and the share of the CPU that other processes took meanwhile. A third
+//! workload, run in the same rounds, is the Responses API as new OpenAI tools use it: a
+//! stored, streamed `POST /v1/responses` continuing the connection's previous response
+//! with `previous_response_id` (a new chain every `TURNS_PER_SESSION` turns); its rate is
+//! reported against the session turn's of the same round. Then it
 //! stores 10,000 sessions and reports the gateway's resident memory.
 //!
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3),
@@ -84,6 +88,14 @@ fn start(dir: &Path) -> Gateway {
 enum Load {
     Health,
     SessionTurn,
+    ResponseTurn,
+}
+
+/// The response id (`resp_…`) at the start of a streamed response's events, if any.
+fn response_id(body: &[u8]) -> Option<&str> {
+    let at = body.windows(6).position(|w| w == b"\"resp_")? + 1;
+    let end = body[at..].iter().position(|&b| b == b'"')? + at;
+    std::str::from_utf8(&body[at..end]).ok()
 }
 
 struct Outcome {
@@ -190,7 +202,7 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
     let wr0 = writer_ticks(&gw_pid);
     let cs0 = switches(&gw_pid);
     let w0 = written(&gw_pid);
-    let make: Arc<MakeRequest> = Arc::new(move |conn_id, n| match load {
+    let make: Arc<MakeRequest> = Arc::new(move |conn_id, n, last| match load {
         Load::Health => Request::get("/health")
             .header("host", "bench")
             .body(Full::new(Bytes::new())),
@@ -203,6 +215,21 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
                 .header("host", "bench")
                 .header("content-type", "application/json")
                 .header("x-hermes-session-id", session)
+                .body(Full::new(Bytes::from(body)))
+        }
+        Load::ResponseTurn => {
+            let previous = match response_id(last) {
+                Some(id) if n % TURNS_PER_SESSION != 0 => {
+                    format!(r#","previous_response_id":"{id}""#)
+                }
+                _ => String::new(),
+            };
+            let body = format!(
+                r#"{{"model":"hermes-agent","stream":true,"input":"turn {n} of a benchmark conversation"{previous}}}"#
+            );
+            Request::post("/v1/responses")
+                .header("host", "bench")
+                .header("content-type", "application/json")
                 .body(Full::new(Bytes::from(body)))
         }
     });
@@ -264,12 +291,24 @@ fn main() {
     // Warm-up.
     run(&gw, Load::Health, conns, 1, 0);
     run(&gw, Load::SessionTurn, conns, 1, 0);
+    run(&gw, Load::ResponseTurn, conns, 1, 0);
 
     let mut health = Vec::new();
     let mut turns = Vec::new();
+    let mut responses = Vec::new();
     for round in 1..=rounds {
         let h = run(&gw, Load::Health, conns, secs, round);
         let t = run(&gw, Load::SessionTurn, conns, secs, round);
+        let r = run(&gw, Load::ResponseTurn, conns, secs, round);
+        println!(
+            "         stored streamed response with previous_response_id {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors), gateway {:.1} us per request | {:.2} of the session turn's rate",
+            r.rps,
+            r.p50_ms,
+            r.p99_ms,
+            r.errors,
+            r.gw_cpu_us,
+            r.rps / t.rps.max(1.0)
+        );
         println!(
             "round {round}: GET /health {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors) | session turn {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors) | ratio {:.0}%",
             h.rps,
@@ -295,6 +334,7 @@ fn main() {
             h.gw_write_bytes, t.gw_write_bytes
         );
         health.push(h);
+        responses.push((r.rps / t.rps.max(1.0), r.rps));
         turns.push(t);
     }
     let med = |v: &[Outcome], f: fn(&Outcome) -> f64| median(v.iter().map(f).collect());
@@ -306,6 +346,11 @@ fn main() {
         med(&turns, |o| o.p50_ms),
         med(&turns, |o| o.p99_ms),
         100.0 * tr / hr.max(1.0)
+    );
+    println!(
+        "median: stored streamed response turn {:.0} req/s, {:.2} of the session turn's rate (median of the rounds' ratios; target >= 0.8)",
+        median(responses.iter().map(|r| r.1).collect()),
+        median(responses.iter().map(|r| r.0).collect())
     );
 
     // Resident memory with 10,000 stored sessions: the rounds above stored some already;

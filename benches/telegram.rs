@@ -549,7 +549,7 @@ fn round_of(
 
 fn bench_webhook(stub: &Stub, rounds: usize, secs: u64, conns: usize) -> (Vec<Round>, Vec<Round>) {
     let gw = start(stub, "webhook");
-    let health: Arc<MakeRequest> = Arc::new(|_, _| {
+    let health: Arc<MakeRequest> = Arc::new(|_, _, _| {
         Request::get("/health")
             .header("host", "bench")
             .body(Full::new(Bytes::new()))
@@ -561,7 +561,7 @@ fn bench_webhook(stub: &Stub, rounds: usize, secs: u64, conns: usize) -> (Vec<Ro
         gw.hook,
         conns,
         1,
-        Arc::new(|c, n| webhook_request(0, c, n)),
+        Arc::new(|c, n, _| webhook_request(0, c, n)),
     );
     let mut hs = Vec::new();
     let mut ws = Vec::new();
@@ -575,7 +575,7 @@ fn bench_webhook(stub: &Stub, rounds: usize, secs: u64, conns: usize) -> (Vec<Ro
             gw.hook,
             conns,
             secs,
-            Arc::new(move |c, n| webhook_request(round, c, n)),
+            Arc::new(move |c, n, _| webhook_request(round, c, n)),
         );
         // The work behind the 200s (turns, replies) runs meanwhile and after: wait for
         // all of it, so that every round (and /health) starts from an idle gateway.

@@ -127,7 +127,7 @@ fn payload(id: &str) -> String {
 }
 
 fn run(addr: SocketAddr, load: Load, conns: usize, secs: u64, round: usize) -> Outcome {
-    let make: Arc<MakeRequest> = Arc::new(move |conn_id, n| match load {
+    let make: Arc<MakeRequest> = Arc::new(move |conn_id, n, _| match load {
         Load::Health => Request::get("/health")
             .header("host", "bench")
             .body(Full::new(Bytes::new())),

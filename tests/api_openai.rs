@@ -33,6 +33,7 @@ fn stub_upstream() -> (SocketAddr, Seen) {
 fn serve(conn: TcpStream, seen: &Seen) {
     let mut r = BufReader::new(conn);
     let mut auth = String::new();
+    let mut session_key = Value::Null;
     let mut len = 0usize;
     let mut line = String::new();
     if r.read_line(&mut line).unwrap_or(0) == 0 {
@@ -50,6 +51,7 @@ fn serve(conn: TcpStream, seen: &Seen) {
         if let Some((k, v)) = h.split_once(':') {
             match k.to_ascii_lowercase().as_str() {
                 "authorization" => auth = v.trim().to_owned(),
+                "x-hermes-session-key" => session_key = Value::from(v.trim()),
                 "content-length" => len = v.trim().parse().unwrap_or(0),
                 _ => {}
             }
@@ -59,7 +61,11 @@ fn serve(conn: TcpStream, seen: &Seen) {
     if r.read_exact(&mut body).is_err() {
         return;
     }
-    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if let Some(o) = req.as_object_mut() {
+        // Not part of the request body: the header, noted for the tests.
+        o.insert("seen_session_key".into(), session_key);
+    }
     seen.lock().unwrap().push((auth, req.clone()));
     let last = req["messages"]
         .as_array()
@@ -78,6 +84,50 @@ fn serve(conn: TcpStream, seen: &Seen) {
             );
         }
         "hang" => std::thread::sleep(Duration::from_secs(5)),
+        // As an upstream hermes API server streams: reasoning, tool progress events, text,
+        // then a length cut with usage.
+        "tools" => {
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+            );
+            let chunk = |delta: Value, finish: Value| {
+                json!({"object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            };
+            let _ = write!(
+                w,
+                "data: {}\n\n",
+                chunk(json!({"role": "assistant"}), Value::Null)
+            );
+            let _ = write!(
+                w,
+                "data: {}\n\n",
+                chunk(
+                    json!({"reasoning_content": "thinking it over"}),
+                    Value::Null
+                )
+            );
+            let _ = write!(
+                w,
+                "event: hermes.tool.progress\ndata: {}\n\n",
+                json!({"tool": "terminal", "emoji": "💻", "label": "ls", "toolCallId": "call_1", "status": "running"})
+            );
+            let _ = write!(
+                w,
+                "event: hermes.tool.progress\ndata: {}\n\n",
+                json!({"tool": "terminal", "toolCallId": "call_1", "status": "completed"})
+            );
+            let _ = write!(
+                w,
+                "data: {}\n\n",
+                chunk(json!({"content": "cut sh"}), Value::Null)
+            );
+            let mut last = chunk(json!({}), Value::from("length"));
+            last["usage"] =
+                json!({"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15});
+            let _ = write!(w, "data: {last}\n\ndata: [DONE]\n\n");
+        }
         _ if req["stream"] == true => {
             let _ = write!(
                 w,
@@ -190,10 +240,20 @@ fn an_upstream_5xx_is_a_502() {
             .contains("upstream overloaded"),
         "{v}"
     );
-    // Streaming: the error arrives as an SSE error object.
+    // Streaming: the error arrives in a finish chunk (`finish_reason: "error"`, the error
+    // object, `hermes.error_code`), then `[DONE]`.
     let r = chat(addr, "fail", true);
-    let last = r.sse().last().cloned().unwrap();
-    assert!(last.1.contains("upstream overloaded"), "{last:?}");
+    let events = r.sse();
+    assert_eq!(events.last().unwrap().1, "[DONE]", "{events:?}");
+    let finish: Value = serde_json::from_str(&events[events.len() - 2].1).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "error", "{finish}");
+    assert_eq!(finish["hermes"]["error_code"], "agent_error");
+    assert!(
+        finish["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("upstream overloaded")),
+        "{finish}"
+    );
 }
 
 #[test]
@@ -224,4 +284,61 @@ fn an_unreachable_upstream_is_a_502_after_connect_retries() {
     assert!(r.body.contains("reached"), "{}", r.body);
     std::thread::sleep(Duration::from_millis(100));
     assert!(gw.stderr().contains("retry 2/2"), "{}", gw.stderr());
+}
+
+#[test]
+fn an_upstream_hermes_server_s_tool_progress_reasoning_usage_and_length_pass_through() {
+    let (up, seen) = stub_upstream();
+    let (_setup, _gw, addr) = gateway_for(up, "");
+    let body = json!({"stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "tools"}]})
+    .to_string();
+    let r = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("X-Hermes-Session-Key", "agent:main:dm:7")],
+        &body,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = r.sse();
+    let progress: Vec<Value> = events
+        .iter()
+        .filter(|(e, _)| e.as_deref() == Some("hermes.tool.progress"))
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(progress.len(), 2, "{}", r.body);
+    assert_eq!(progress[0]["toolCallId"], "call_1");
+    assert_eq!(progress[0]["status"], "running");
+    assert_eq!(progress[0]["label"], "ls", "passed on whole");
+    assert_eq!(progress[1]["status"], "completed");
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|(e, d)| e.is_none() && d != "[DONE]")
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["delta"]["reasoning_content"] == "thinking it over"),
+        "{}",
+        r.body
+    );
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
+    assert_eq!(last["hermes"]["error_code"], "output_truncated");
+    assert_eq!(last["hermes"]["partial"], true);
+    assert_eq!(
+        last["usage"],
+        json!({"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}),
+        "the upstream's counts"
+    );
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let req = seen.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(
+        req["seen_session_key"], "agent:main:dm:7",
+        "the key goes upstream"
+    );
+    assert!(req.get("stream_options").is_none(), "{req}");
 }

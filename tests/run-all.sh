@@ -28,7 +28,7 @@ fi
 # The official `openai` Python client for tests/api_conformance.rs, in a venv of its own.
 venv=target/conformance-venv
 pin=$(grep -v '^#' tests/conformance/requirements.txt | head -n 1)
-if ! "$venv/bin/pip" freeze 2>/dev/null | grep -qixF "$pin"; then
+if ! "$venv/bin/pip" freeze 2>/dev/null | grep -ixF "$pin" >/dev/null; then
   echo "== creating $venv ($pin) for the conformance test"
   { python3 -m venv "$venv" && "$venv/bin/pip" install -q -r tests/conformance/requirements.txt; } ||
     echo "== could not create $venv: the conformance test will say so"
@@ -49,6 +49,38 @@ if [ -n "$pmissing" ]; then
   echo "== creating $pvenv (missing:$pmissing) for the platform tests"
   { python3 -m venv "$pvenv" && "$pvenv/bin/pip" install -q -r tests/platforms/requirements.txt; } ||
     echo "== could not create $pvenv: the platform tests that need it will say so"
+fi
+
+# The upstream hermes API server's own client (tests/api_hermes_client.rs) needs
+# Python >= 3.13: python3.13 on PATH, else pyenv's (this machine kind has one).
+venv=target/hermes-client-venv
+pin=$(grep -v '^#' tests/hermes_client/requirements.txt | head -n 1)
+if ! "$venv/bin/pip" freeze 2>/dev/null | grep -ixF "$pin" >/dev/null; then
+  py313=$(command -v python3.13 || true)
+  if [ -z "$py313" ]; then
+    for p in "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.1[3-9]*/bin/python3; do
+      [ -x "$p" ] && py313=$p
+    done
+  fi
+  if [ -n "$py313" ]; then
+    echo "== creating $venv ($pin, $("$py313" --version)) for the hermes client test"
+    rm -rf "$venv"
+    { "$py313" -m venv "$venv" && "$venv/bin/pip" install -q -r tests/hermes_client/requirements.txt; } ||
+      echo "== could not create $venv: the hermes client test will say so"
+  else
+    echo "== no Python >= 3.13: the hermes client test will say so"
+  fi
+fi
+
+# The real hermes agent (PyPI hermes-agent with its sms extra, which brings aiohttp for
+# its API server) for tests/hermes_agent.rs: about 240 MB, so cached like the others.
+venv=target/hermes-agent-venv
+pin=$(grep -v '^#' tests/hermes_agent/requirements.txt | head -n 1)
+if ! "$venv/bin/pip" freeze 2>/dev/null | grep -ixF "${pin%%\[*}==${pin##*==}" >/dev/null; then
+  echo "== creating $venv ($pin) for the real-agent test"
+  rm -rf "$venv"
+  { python3 -m venv "$venv" && "$venv/bin/pip" install -q -r tests/hermes_agent/requirements.txt; } ||
+    echo "== could not create $venv: the real-agent test will say so"
 fi
 
 # The Debian package for tests/package.rs (needs root for the test itself anyway).

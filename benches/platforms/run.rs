@@ -103,7 +103,7 @@ fn measure(addr: SocketAddr, conns: usize, secs: u64, make: Arc<MakeRequest>) ->
 }
 
 fn health() -> Arc<MakeRequest> {
-    Arc::new(|_, _| {
+    Arc::new(|_, _, _| {
         Request::get("/health")
             .header("host", "bench")
             .body(Full::new(Bytes::new()))
@@ -156,7 +156,10 @@ pub fn main(all: &[Platform]) {
             .join(", "),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let make = |p: &Platform| -> Arc<MakeRequest> { Arc::new(p.request) };
+    let make = |p: &Platform| -> Arc<MakeRequest> {
+        let request = p.request;
+        Arc::new(move |conn, n, _| request(conn, n))
+    };
     measure(gw.api, conns, 1, health());
     for p in &platforms {
         measure(gw.hook, conns, 1, make(p));

@@ -30,8 +30,10 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The `n`-th request (from 0) of connection `conn`.
-pub type MakeRequest = dyn Fn(usize, u64) -> http::Result<Request<Full<Bytes>>> + Send + Sync;
+/// The `n`-th request (from 0) of connection `conn`, given the body of the answer to the
+/// connection's previous request (empty for the first): a request may depend on it.
+pub type MakeRequest =
+    dyn Fn(usize, u64, &[u8]) -> http::Result<Request<Full<Bytes>>> + Send + Sync;
 
 /// What one load run measured.
 pub struct Load {
@@ -108,15 +110,22 @@ async fn connection(
     };
     tokio::spawn(conn);
     let mut n: u64 = 0;
+    let mut last = Bytes::new();
     while Instant::now() < until {
-        let Ok(req) = make(conn_id, n) else { break };
+        let Ok(req) = make(conn_id, n, &last) else {
+            break;
+        };
         n += 1;
         let t = Instant::now();
         match sender.send_request(req).await {
             Ok(resp) => {
                 let ok = resp.status().is_success();
-                if resp.into_body().collect().await.is_err() || !ok {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                match resp.into_body().collect().await {
+                    Ok(body) if ok => last = body.to_bytes(),
+                    _ => {
+                        last = Bytes::new();
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
             }

@@ -345,7 +345,7 @@ impl Config {
         };
         let agent = sections::agent(f.agent).map_err(|(k, m)| invalid(k, m))?;
         let sessions = sections::sessions(f.sessions).map_err(|(k, m)| invalid(k, m))?;
-        let api = sections::api(f.api);
+        let api = sections::api(f.api).map_err(|(k, m)| invalid(k, m))?;
         let api_listen = f.listen.api.clone();
         if let Some(ListenAddr::Tcp(a)) = &api_listen
             && !a.ip().is_loopback()

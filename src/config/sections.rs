@@ -299,6 +299,8 @@ pub(super) struct FileApi {
     keys_credential: Option<String>,
     max_body: Option<ByteSize>,
     body_timeout: Option<HumanDuration>,
+    keepalive: Option<HumanDuration>,
+    response_retention: Option<HumanDuration>,
 }
 
 /// `[api]`: who may call the API and how much a request may carry.
@@ -311,10 +313,16 @@ pub struct ApiConfig {
     pub max_body: u64,
     /// Longest time a client may take to send a request body.
     pub body_timeout: Duration,
+    /// Longest silence on an open stream before an SSE comment `: keepalive` is sent.
+    pub keepalive: Duration,
+    /// How long stored responses (`/v1/responses`) are kept.
+    pub response_retention: Duration,
 }
 
 pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
+pub const DEFAULT_RESPONSE_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl ApiConfig {
     /// Whether any key is configured (its source may still fail to read).
@@ -325,11 +333,28 @@ impl ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        api(FileApi::default())
+        ApiConfig {
+            keys: Vec::new(),
+            key_sources: Vec::new(),
+            max_body: DEFAULT_MAX_BODY,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            keepalive: DEFAULT_KEEPALIVE,
+            response_retention: DEFAULT_RESPONSE_RETENTION,
+        }
     }
 }
 
-pub(super) fn api(f: FileApi) -> ApiConfig {
+pub(super) fn api(f: FileApi) -> Result<ApiConfig, (&'static str, String)> {
+    let keepalive = f.keepalive.map_or(DEFAULT_KEEPALIVE, |d| d.0);
+    if keepalive < Duration::from_millis(100) {
+        return Err(("api.keepalive", "must be at least 100ms".into()));
+    }
+    let response_retention = f
+        .response_retention
+        .map_or(DEFAULT_RESPONSE_RETENTION, |d| d.0);
+    if response_retention < Duration::from_secs(1) {
+        return Err(("api.response_retention", "must be at least 1s".into()));
+    }
     let mut key_sources = Vec::new();
     if let Some(p) = f.keys_file {
         key_sources.push(KeySource::File(p));
@@ -337,12 +362,14 @@ pub(super) fn api(f: FileApi) -> ApiConfig {
     if let Some(n) = f.keys_credential {
         key_sources.push(KeySource::Credential(n));
     }
-    ApiConfig {
+    Ok(ApiConfig {
         keys: f.keys.unwrap_or_default(),
         key_sources,
         max_body: f.max_body.map_or(DEFAULT_MAX_BODY, |b| b.0),
         body_timeout: f.body_timeout.map_or(DEFAULT_BODY_TIMEOUT, |d| d.0),
-    }
+        keepalive,
+        response_retention,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -134,6 +134,11 @@ fn agent_api_and_sessions_default_to_echo_open_loopback_and_64_runs() {
     assert!(!c.api.has_keys());
     assert_eq!(c.api.max_body, 1024 * 1024);
     assert_eq!(c.api.body_timeout, Duration::from_secs(30));
+    assert_eq!(c.api.keepalive, Duration::from_secs(15));
+    assert_eq!(
+        c.api.response_retention,
+        Duration::from_secs(30 * 24 * 3600)
+    );
     assert_eq!(c.sessions.max_concurrent_runs, 64);
     assert_eq!(c.sessions.queue_depth, 16);
 }
@@ -805,4 +810,15 @@ fn twilio_configuration_errors_name_the_file_and_the_key() {
         assert!(e.contains(why), "{why}: {e}");
         assert!(!e.contains("twilio-token-value"), "no secret in {e}");
     }
+}
+
+#[test]
+fn api_keepalive_and_response_retention_are_read_and_checked() {
+    let c = parse("[api]\nkeepalive = \"2s\"\nresponse_retention = \"1h\"\n").expect("valid");
+    assert_eq!(c.api.keepalive, Duration::from_secs(2));
+    assert_eq!(c.api.response_retention, Duration::from_secs(3600));
+    let e = parse("[api]\nkeepalive = \"0s\"\n").expect_err("a zero keepalive");
+    assert!(e.to_string().contains("api.keepalive"), "{e}");
+    let e = parse("[api]\nresponse_retention = \"0s\"\n").expect_err("a zero retention");
+    assert!(e.to_string().contains("api.response_retention"), "{e}");
 }

@@ -177,11 +177,12 @@ impl Gateway {
         let webhooks = webhooks::Webhooks::new(&config.webhook, table, ledger.clone());
         let api = api::ApiState::new(
             sessions.clone(),
-            lifecycle.shutdown(),
+            lifecycle.clone(),
             &config.api,
             keys,
             &config.agent.model,
         );
+        api::responses::spawn_pruner(api.clone());
         Ok(Gateway {
             lifecycle,
             api,
@@ -210,11 +211,18 @@ impl Service for Gateway {
                 self.schedules.clone(),
             )
             .merge(deliveries::api::router(self.ledger.clone(), "")),
-            "api" => health::router().merge(api::router(self.api.clone())).merge(
-                deliveries::api::router(self.ledger.clone(), "/v1").route_layer(
-                    axum::middleware::from_fn_with_state(self.api.clone(), api::authenticate),
-                ),
-            ),
+            // Authenticated before routing: an unknown `/v1` path with a wrong key is 401.
+            // Plain `/health` stays outside the layer, and costs what it did.
+            "api" => {
+                let authenticated = api::router(self.api.clone())
+                    .merge(deliveries::api::router(self.ledger.clone(), "/v1"))
+                    .fallback(error::not_found)
+                    .layer(axum::middleware::from_fn_with_state(
+                        self.api.clone(),
+                        api::authenticate,
+                    ));
+                return health::router().merge(authenticated);
+            }
             "webhook" => health::router()
                 .merge(webhooks::router(self.webhooks.clone()))
                 .merge(platforms::router(self.platforms.clone())),

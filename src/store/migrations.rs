@@ -154,6 +154,32 @@ const MIGRATIONS: &[&str] = &[
         last_slot_at  INTEGER
     ) WITHOUT ROWID;
     "#,
+    // 8: what a drop-in for the upstream hermes API server keeps: each session's
+    // `X-Hermes-Session-Key`, and stored responses (`/v1/responses`). A response's turn is
+    // stored in its session like any other; the row says which session, and how many of
+    // its messages were there once it was answered (`session_end`), so that a response
+    // can be continued from. Rows are inserted in `created_at` order, so the rowid order
+    // is the age order the pruning walks: no index of their own besides the id's.
+    r#"
+    CREATE TABLE session_keys (
+        session_id  TEXT PRIMARY KEY,
+        key         TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE responses (
+        id                    TEXT PRIMARY KEY,
+        session_id            TEXT NOT NULL,
+        session_end           INTEGER NOT NULL,
+        previous_response_id  TEXT,
+        conversation          TEXT,
+        model                 TEXT NOT NULL,
+        instructions          TEXT,
+        input                 TEXT NOT NULL,
+        output                TEXT NOT NULL,
+        usage                 TEXT,
+        metadata              TEXT,
+        created_at            INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this binary writes.

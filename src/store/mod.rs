@@ -17,6 +17,7 @@
 pub mod deliveries;
 mod migrations;
 pub mod platforms;
+pub mod responses;
 pub mod runs;
 pub mod schedules;
 pub mod sessions;

@@ -219,8 +219,48 @@ pub fn append_at(
     Ok(first)
 }
 
+/// The `X-Hermes-Session-Key` kept with a session, if any.
+pub fn key(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT key FROM session_keys WHERE session_id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()
+}
+
+/// Keeps `key` as the session's `X-Hermes-Session-Key`.
+pub fn set_key(conn: &Connection, id: &str, key: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO session_keys (session_id, key) VALUES (?1, ?2)
+         ON CONFLICT (session_id) DO UPDATE SET key = excluded.key",
+    )?
+    .execute(params![id, key])?;
+    Ok(())
+}
+
+/// The first `end` messages of a session, of which the last `limit`, oldest first: the
+/// conversation as it was when it held `end` messages.
+pub fn history_until(
+    conn: &Connection,
+    id: &str,
+    end: i64,
+    limit: u32,
+) -> rusqlite::Result<Vec<String>> {
+    let start = (end - i64::from(limit)).max(0);
+    // The log holds the newest messages, the folded table the others: a range of seq
+    // may span both, and a message is in exactly one of them at any snapshot.
+    let mut st = conn.prepare_cached(
+        "SELECT seq, message FROM turn_log WHERE session_id = ?1 AND seq >= ?2 AND seq < ?3
+         UNION ALL
+         SELECT seq, message FROM messages WHERE session_id = ?1 AND seq >= ?2 AND seq < ?3
+         ORDER BY 1",
+    )?;
+    st.query_map(params![id, start, end], |r| r.get(1))?
+        .collect()
+}
+
 /// Deletes a session and its messages; whether it existed.
 pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("DELETE FROM session_keys WHERE session_id = ?1")?
+        .execute([id])?;
     let logged = conn
         .prepare_cached("DELETE FROM turn_log WHERE session_id = ?1")?
         .execute([id])?;

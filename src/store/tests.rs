@@ -405,7 +405,9 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
         c.execute_batch(
-            "DROP TABLE schedules;
+            "DROP TABLE responses;
+             DROP TABLE session_keys;
+             DROP TABLE schedules;
              ALTER TABLE deliveries DROP COLUMN progress;
              DROP TABLE platform_offsets;
              DROP TABLE platform_chats;
@@ -587,5 +589,46 @@ async fn pruning_removes_ended_deliveries_older_than_the_cutoff_with_their_runs(
     assert_eq!(
         s.write(|c| deliveries::prune(c, 5_000, 2)).await.unwrap(),
         0
+    );
+}
+
+#[tokio::test]
+async fn responses_are_pruned_oldest_first_up_to_the_cutoff() {
+    use super::responses::{self, ResponseRow};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let row = |id: &str, at: i64| ResponseRow {
+        id: id.into(),
+        session_id: "s".into(),
+        session_end: 2,
+        previous_response_id: None,
+        conversation: None,
+        model: "m".into(),
+        instructions: None,
+        input: "[]".into(),
+        output: "o".into(),
+        usage: None,
+        metadata: None,
+        created_at: at,
+    };
+    for (id, at) in [("resp_a", 10), ("resp_b", 20), ("resp_c", 30)] {
+        let r = row(id, at);
+        s.write(move |c| responses::insert(c, &r)).await.unwrap();
+    }
+    assert_eq!(s.write(|c| responses::prune(c, 5)).await.unwrap(), 0);
+    assert_eq!(s.write(|c| responses::prune(c, 25)).await.unwrap(), 2);
+    let left = s.read(|c| responses::get(c, "resp_c")).await.unwrap();
+    assert_eq!(left.map(|r| r.created_at), Some(30));
+    assert!(
+        s.read(|c| responses::get(c, "resp_b"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(s.write(|c| responses::prune(c, 99)).await.unwrap(), 1);
+    assert!(
+        s.write(|c| responses::delete(c, "resp_c"))
+            .await
+            .is_ok_and(|d| !d)
     );
 }

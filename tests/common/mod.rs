@@ -311,8 +311,13 @@ pub struct Conn {
 
 impl Conn {
     pub fn open(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::open_with_timeout(addr, Duration::from_secs(10))
+    }
+
+    /// [`Conn::open`] with another read timeout (a slow agent's first turn).
+    pub fn open_with_timeout(addr: SocketAddr, read: Duration) -> std::io::Result<Self> {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(read))?;
         Ok(Conn {
             r: BufReader::new(s),
         })

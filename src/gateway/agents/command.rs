@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Agent, AgentError, AgentFuture, DeltaSink, TurnInput};
+use super::{Agent, AgentError, AgentFuture, Delta, DeltaSink, Reply, TurnInput};
 use crate::config::AgentConfig;
 
 /// How much of stderr is kept for the error message.
@@ -72,6 +72,9 @@ impl Agent for CommandAgent {
             if let Some(s) = &input.session_id {
                 cmd.env("HERMES_SESSION_ID", s);
             }
+            if let Some(k) = &input.session_key {
+                cmd.env("HERMES_SESSION_KEY", k);
+            }
             cmd.env("HERMES_RUN_ID", &input.run_id);
             let mut child = cmd
                 .spawn()
@@ -81,6 +84,7 @@ impl Agent for CommandAgent {
 
             let payload = json!({
                 "session_id": input.session_id,
+                "session_key": input.session_key,
                 "run_id": input.run_id,
                 "model": input.model,
                 "messages": input.messages,
@@ -153,7 +157,7 @@ impl Agent for CommandAgent {
                     };
                     let chunk = std::str::from_utf8(&pending[..valid]).unwrap_or_default();
                     if !chunk.is_empty() {
-                        on_delta(chunk);
+                        on_delta(Delta::Text(chunk));
                         reply.push_str(chunk);
                     }
                     pending.drain(..valid);
@@ -216,11 +220,38 @@ impl Agent for CommandAgent {
                     if tail.is_empty() { "" } else { ": " }
                 )));
             }
-            Ok(reply)
+            Ok(Reply::text(reply))
         })
     }
 
     fn kind(&self) -> &'static str {
         "command"
+    }
+
+    fn check(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let Some(program) = self.argv.first() else {
+                return Err("no command configured".into());
+            };
+            let p = std::path::Path::new(program);
+            if p.components().count() > 1 {
+                return match std::fs::metadata(p) {
+                    Ok(m) if m.is_file() => Ok(()),
+                    Ok(_) => Err(format!("`{program}` is not a file")),
+                    Err(e) => Err(format!("`{program}`: {e}")),
+                };
+            }
+            // A bare name is looked up on PATH, as the spawn does.
+            let found = std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|d| d.join(program).is_file())
+            });
+            if found {
+                Ok(())
+            } else {
+                Err(format!("`{program}` is not on PATH"))
+            }
+        })
     }
 }

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use super::{Agent, AgentFuture, DeltaSink, TurnInput, content_text};
+use super::{Agent, AgentFuture, Delta, DeltaSink, Reply, TurnInput, content_text};
 
 pub struct Echo;
 
@@ -16,8 +16,8 @@ impl Agent for Echo {
                 .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
                 .map(|m| content_text(m))
                 .unwrap_or_default();
-            on_delta(&reply);
-            Ok(reply)
+            on_delta(Delta::Text(&reply));
+            Ok(Reply::text(reply))
         })
     }
 

@@ -1,5 +1,6 @@
 //! Agent backends: what runs one turn. Each takes the turn's messages and streams its reply
-//! through `on_delta`, returning the whole reply at the end.
+//! through `on_delta` (text, and from an upstream hermes API server its reasoning and tool
+//! progress), returning the whole reply at the end.
 //!
 //! - `echo` (the default): the last user message's text.
 //! - `openai`: any OpenAI-compatible chat-completions server.
@@ -21,6 +22,8 @@ use crate::config::{AgentBackend, AgentConfig};
 #[derive(Debug, Clone)]
 pub struct TurnInput {
     pub session_id: Option<String>,
+    /// The client's `X-Hermes-Session-Key` (a long-term memory scope), passed on as is.
+    pub session_key: Option<String>,
     pub run_id: String,
     pub model: String,
     /// The whole conversation: stored history, then the turn's new messages. Shared with
@@ -54,8 +57,46 @@ impl AgentError {
     }
 }
 
-pub type DeltaSink<'a> = &'a mut (dyn FnMut(&str) + Send);
-pub type AgentFuture<'a> = Pin<Box<dyn Future<Output = Result<String, AgentError>> + Send + 'a>>;
+/// A piece of a turn as it is produced.
+#[derive(Debug, Clone, Copy)]
+pub enum Delta<'a> {
+    /// Reply text.
+    Text(&'a str),
+    /// Reasoning text (`delta.reasoning_content` upstream): streamed on, never stored.
+    Reasoning(&'a str),
+    /// A named SSE event of an upstream hermes API server (`hermes.tool.progress`), its
+    /// data as JSON text: streamed on, never stored.
+    Event { name: &'a str, data: &'a str },
+}
+
+/// Token counts, when the backend reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// A finished turn.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub text: String,
+    pub usage: Option<Usage>,
+    /// The backend stopped at its length limit (`finish_reason: "length"`).
+    pub truncated: bool,
+}
+
+impl Reply {
+    pub fn text(text: String) -> Self {
+        Reply {
+            text,
+            ..Reply::default()
+        }
+    }
+}
+
+pub type DeltaSink<'a> = &'a mut (dyn FnMut(Delta<'_>) + Send);
+pub type AgentFuture<'a> = Pin<Box<dyn Future<Output = Result<Reply, AgentError>> + Send + 'a>>;
 
 /// What every backend offers.
 pub trait Agent: Send + Sync + 'static {
@@ -63,6 +104,10 @@ pub trait Agent: Send + Sync + 'static {
     fn run<'a>(&'a self, input: &'a TurnInput, on_delta: DeltaSink<'a>) -> AgentFuture<'a>;
     /// For logs and `STATUS=`: `echo`, `openai`, `command`.
     fn kind(&self) -> &'static str;
+    /// For `GET /health/detailed`: whether the backend looks usable, or why not.
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Builds the configured backend. Reads the upstream key, if any (never logged).

@@ -7,7 +7,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
@@ -15,10 +15,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{SESSION_HEADER, Shared, busy, parse_json, read_body, sse, valid_session_id};
+use super::{
+    SESSION_HEADER, SESSION_KEY_HEADER, Shared, busy, parse_json, read_body, sse, valid_session_id,
+};
+use crate::gateway::agents::{Reply, Usage};
 use crate::gateway::error::ApiError;
 use crate::gateway::ids::new_id;
-use crate::gateway::sessions::{Turn, TurnError, TurnKind};
+use crate::gateway::sessions::{Piece, Turn, TurnError, TurnKind};
 
 const ROLES: &[&str] = &[
     "system",
@@ -100,16 +103,9 @@ struct AssistantMessage<'a> {
     content: &'a str,
 }
 
-#[derive(Serialize, Default)]
-struct Usage {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-}
-
 /// `application/json` from a `Vec` (axum's `Json` writes through a `BytesMut` writer, which
 /// costs more per small write than the serialization itself).
-fn json_response<T: Serialize>(v: &T) -> Response {
+pub(super) fn json_response<T: Serialize>(v: &T) -> Response {
     match serde_json::to_vec(v) {
         Ok(body) => (
             [(
@@ -141,7 +137,7 @@ pub async fn models(State(s): State<Shared>) -> Json<Value> {
     }))
 }
 
-fn bad_request(message: String) -> ApiError {
+pub(super) fn bad_request(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
 }
 
@@ -152,7 +148,7 @@ pub async fn completions(State(s): State<Shared>, headers: HeaderMap, body: Body
     }
 }
 
-fn turn_error(e: &TurnError) -> ApiError {
+pub(super) fn turn_error(e: &TurnError) -> ApiError {
     match e {
         TurnError::Agent(a) => ApiError::new(
             a.http_status(),
@@ -198,39 +194,38 @@ async fn completions_inner(
             .into_response());
         }
     }
-    let session_id = match headers.get(SESSION_HEADER) {
-        None => None,
-        Some(v) => {
-            let id = v.to_str().map_err(|_| {
-                bad_request(format!("header `{SESSION_HEADER}` is not printable ASCII"))
-                    .into_response()
-            })?;
-            valid_session_id(id).map_err(|m| {
-                bad_request(format!("header `{SESSION_HEADER}`: {m}")).into_response()
-            })?;
-            Some(id.to_owned())
-        }
-    };
+    let session_id = session_header(&headers, SESSION_HEADER).map_err(|e| e.into_response())?;
+    let session_key =
+        session_header(&headers, SESSION_KEY_HEADER).map_err(|e| e.into_response())?;
     let model = req.model.clone().unwrap_or_else(|| s.model());
     let id = new_id("chatcmpl-");
     let stream = req.stream;
     let mut params = req.params;
     // Options the gateway handles itself are not passed upstream.
-    params.remove("stream_options");
+    let include_usage = params
+        .remove("stream_options")
+        .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
+        .unwrap_or(false);
     let messages: Vec<Value> = req.messages.into_iter().map(Message::into_value).collect();
 
     let (done_tx, done_rx) = oneshot::channel();
     let created = unix_now();
     // The reply's pieces as they come, for a client that streams.
     let (dtx, drx) = if stream {
-        let (tx, rx) = mpsc::unbounded_channel::<String>();
+        let (tx, rx) = mpsc::unbounded_channel::<Piece>();
         (Some(tx), Some(rx))
     } else {
         (None, None)
     };
+    let echo = SessionEcho {
+        id: session_id.clone(),
+        key: session_key.clone(),
+    };
     let turn = Turn {
         run_id: id.clone(),
         session_id,
+        session_key,
+        instructions: None,
         messages,
         model: model.clone(),
         params,
@@ -238,16 +233,17 @@ async fn completions_inner(
         kind: TurnKind::Chat {
             deltas: dtx,
             done: done_tx,
+            record: None,
         },
     };
-    let Some(mut drx) = drx else {
+    let Some(drx) = drx else {
         // Nothing to send before the reply: an idle session's turn runs on this task.
         s.sessions.run_here(turn).await.map_err(|b| busy(&b))?;
         let result = done_rx
             .await
             .map_err(|_| ApiError::internal("the turn was dropped").into_response())?;
         let reply = result.map_err(|e| turn_error(&e).into_response())?;
-        return Ok(json_response(&Completion {
+        let mut r = json_response(&Completion {
             id: &id,
             object: "chat.completion",
             created,
@@ -256,90 +252,216 @@ async fn completions_inner(
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: &reply,
+                    content: &reply.text,
                 },
-                finish_reason: "stop",
+                finish_reason: if reply.truncated { "length" } else { "stop" },
             }],
-            usage: Usage::default(),
-        }));
+            usage: reply.usage.unwrap_or_default(),
+        });
+        echo.apply(&mut r);
+        return Ok(r);
     };
 
     // Streamed: the turn runs on a task of its own while the pieces are sent on.
     s.sessions.submit(turn).map_err(|b| busy(&b))?;
-    let (tx, response) = sse::response();
+    let (tx, mut response) = sse::response();
+    echo.apply(&mut response);
     let shutdown = s.shutdown.clone();
-    tokio::spawn(async move {
-        let chunk = |delta: Value, finish: Value| {
-            json!({
-                "id": id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            })
-            .to_string()
-        };
-        if tx
-            .send(sse::event(
-                None,
-                None,
-                &chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-            ))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let notice = sse::restart_notice(shutdown);
-        tokio::pin!(notice);
-        let mut done_rx = done_rx;
-        loop {
-            tokio::select! {
-                biased;
-                d = drx.recv() => match d {
-                    Some(d) => {
-                        if tx.send(sse::event(None, None, &chunk(json!({"content": d}), Value::Null))).await.is_err() {
-                            return;
-                        }
-                    }
-                    // The turn ended: its result follows on `done_rx`.
-                    None => break,
-                },
-                () = &mut notice => {
-                    let _ = tx.send(sse::restarting_event()).await;
-                    return;
-                }
-                // The client went away: dropping `done_rx` abandons the turn.
-                () = tx.closed() => return,
+    let keepalive = s.keepalive();
+    tokio::spawn(stream_chat(
+        ChatStream {
+            id,
+            created,
+            model,
+            include_usage,
+        },
+        tx,
+        drx,
+        done_rx,
+        shutdown,
+        keepalive,
+    ));
+    Ok(response)
+}
+
+/// The session headers a response echoes, as the upstream hermes API server does.
+struct SessionEcho {
+    id: Option<String>,
+    key: Option<String>,
+}
+
+impl SessionEcho {
+    fn apply(&self, r: &mut Response) {
+        for (name, v) in [(SESSION_HEADER, &self.id), (SESSION_KEY_HEADER, &self.key)] {
+            if let Some(v) = v
+                && let Ok(v) = http::HeaderValue::from_str(v)
+            {
+                r.headers_mut().insert(name, v);
             }
         }
-        let result = tokio::select! {
-            r = &mut done_rx => r,
+    }
+}
+
+/// What every chunk of one streamed completion repeats.
+struct ChatStream {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl ChatStream {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), Value::from(self.id.as_str()));
+        m.insert("object".into(), Value::from("chat.completion.chunk"));
+        m.insert("created".into(), Value::from(self.created));
+        m.insert("model".into(), Value::from(self.model.as_str()));
+        m.insert(
+            "choices".into(),
+            json!([{"index": 0, "delta": delta, "finish_reason": finish}]),
+        );
+        m
+    }
+
+    fn event(&self, delta: Value) -> Bytes {
+        sse::event(
+            None,
+            None,
+            &Value::Object(self.chunk(delta, None)).to_string(),
+        )
+    }
+
+    /// The finish chunk of a turn that did not complete: its error, and the `hermes`
+    /// object the upstream client reads (`error_code`: `agent_error`,
+    /// `gateway_restarting`).
+    fn failed(&self, error: Value, error_code: &str, partial: bool) -> Bytes {
+        let mut m = self.chunk(json!({}), Some("error"));
+        let message = error.get("message").cloned().unwrap_or(Value::Null);
+        m.insert("error".into(), error);
+        m.insert(
+            "hermes".into(),
+            json!({
+                "completed": false,
+                "failed": true,
+                "partial": partial,
+                "error": message,
+                "error_code": error_code,
+            }),
+        );
+        sse::event(None, None, &Value::Object(m).to_string())
+    }
+
+    fn finished(&self, reply: &Reply) -> Bytes {
+        let finish = if reply.truncated { "length" } else { "stop" };
+        let mut m = self.chunk(json!({}), Some(finish));
+        if self.include_usage {
+            m.insert("usage".into(), json!(reply.usage.unwrap_or_default()));
+        }
+        if reply.truncated {
+            m.insert(
+                "hermes".into(),
+                json!({
+                    "completed": false,
+                    "failed": false,
+                    "partial": true,
+                    "error": "the output was truncated at the length limit",
+                    "error_code": "output_truncated",
+                }),
+            );
+        }
+        sse::event(None, None, &Value::Object(m).to_string())
+    }
+}
+
+/// Sends a streamed completion: a first chunk with the role alone, the pieces as they
+/// come (a `: keepalive` comment after each `keepalive` of silence), then a finish chunk
+/// (`stop`, `length`, or `error` with the `hermes` object) and `[DONE]`. A stream open
+/// at the drain deadline ends the same way, with `error_code: "gateway_restarting"`.
+async fn stream_chat(
+    c: ChatStream,
+    tx: mpsc::Sender<Bytes>,
+    mut drx: mpsc::UnboundedReceiver<Piece>,
+    mut done_rx: oneshot::Receiver<Result<Reply, TurnError>>,
+    shutdown: crate::lifecycle::Shutdown,
+    keepalive: std::time::Duration,
+) {
+    if tx
+        .send(c.event(json!({"role": "assistant"})))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let notice = sse::restart_notice(shutdown);
+    tokio::pin!(notice);
+    let mut idle = sse::Idle::new(keepalive);
+    // Whether any reply text went out (a failure is then `partial`).
+    let mut partial = false;
+    let mut pieces_open = true;
+    let result = loop {
+        let out = tokio::select! {
+            biased;
+            d = drx.recv(), if pieces_open => match d {
+                Some(Piece::Text(t)) => {
+                    partial = true;
+                    c.event(json!({"content": t}))
+                }
+                Some(Piece::Reasoning(t)) => {
+                    c.event(json!({"role": "assistant", "reasoning_content": t}))
+                }
+                Some(Piece::Event { name, data }) => sse::event(None, Some(&name), &data),
+                // The turn ended: its result follows on `done_rx`.
+                None => {
+                    pieces_open = false;
+                    continue;
+                }
+            },
+            r = &mut done_rx, if !pieces_open => break r,
             () = &mut notice => {
-                let _ = tx.send(sse::restarting_event()).await;
+                let _ = tx.send(c.failed(sse::restarting_error(), "gateway_restarting", partial)).await;
+                let _ = tx.send(sse::event(None, None, "[DONE]")).await;
                 return;
             }
+            () = idle.elapsed() => sse::keepalive_comment(),
+            // The client went away: dropping `done_rx` abandons the turn.
             () = tx.closed() => return,
         };
-        let last = match result {
-            Ok(Ok(_)) => vec![
-                sse::event(None, None, &chunk(json!({}), Value::from("stop"))),
-                sse::event(None, None, "[DONE]"),
-            ],
-            Ok(Err(e)) => vec![sse::event(None, None, &turn_error(&e).body().to_string())],
-            Err(_) => vec![sse::event(
-                None,
-                None,
-                &ApiError::internal("the turn was dropped")
-                    .body()
-                    .to_string(),
-            )],
-        };
-        for b in last {
-            if tx.send(b).await.is_err() {
-                return;
-            }
+        if tx.send(out).await.is_err() {
+            return;
         }
-    });
-    Ok(response)
+        idle.reset();
+    };
+    let last = match result {
+        Ok(Ok(reply)) => c.finished(&reply),
+        Ok(Err(e)) => {
+            let body = turn_error(&e).body();
+            let error = body.get("error").cloned().unwrap_or(Value::Null);
+            c.failed(error, "agent_error", partial)
+        }
+        Err(_) => {
+            let body = ApiError::internal("the turn was dropped").body();
+            let error = body.get("error").cloned().unwrap_or(Value::Null);
+            c.failed(error, "agent_error", partial)
+        }
+    };
+    for b in [last, sse::event(None, None, "[DONE]")] {
+        if tx.send(b).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A session header's value: 1 to 256 visible ASCII characters, or absent.
+pub(super) fn session_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => {
+            let v = v
+                .to_str()
+                .map_err(|_| bad_request(format!("header `{name}` is not printable ASCII")))?;
+            valid_session_id(v).map_err(|m| bad_request(format!("header `{name}`: {m}")))?;
+            Ok(Some(v.to_owned()))
+        }
+    }
 }

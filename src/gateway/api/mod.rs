@@ -1,7 +1,9 @@
 //! The OpenAI-compatible API on the `api` listener: chat completions, models, runs and
 //! sessions. Every error is an OpenAI error object; no input makes a handler panic.
 
+mod capabilities;
 mod chat;
+pub mod responses;
 mod runs;
 mod sessions;
 pub mod sse;
@@ -22,16 +24,22 @@ use super::body::{BodyError, read_limited};
 use super::error::ApiError;
 use super::sessions::Sessions;
 use crate::config::{ApiConfig, Secret};
-use crate::lifecycle::Shutdown;
 use crate::lifecycle::serve::LogFields;
+use crate::lifecycle::{LifecycleHandle, Shutdown};
 
 /// The header that names the session a chat completion belongs to.
 pub const SESSION_HEADER: &str = "x-hermes-session-id";
+/// The header that names a long-term memory scope, kept with the session and passed to
+/// the agent (as the upstream hermes API server takes it).
+pub const SESSION_KEY_HEADER: &str = "x-hermes-session-key";
 
 /// What the handlers share.
 pub struct ApiState {
     pub sessions: Sessions,
     pub shutdown: Shutdown,
+    lifecycle: LifecycleHandle,
+    /// Where recent stored responses ended (see `responses`).
+    responses: responses::Index,
     live: RwLock<Live>,
 }
 
@@ -40,6 +48,8 @@ struct Live {
     keys: Arc<Vec<Secret>>,
     max_body: u64,
     body_timeout: Duration,
+    keepalive: Duration,
+    response_retention: Duration,
     model: String,
 }
 
@@ -48,18 +58,22 @@ pub type Shared = Arc<ApiState>;
 impl ApiState {
     pub fn new(
         sessions: Sessions,
-        shutdown: Shutdown,
+        lifecycle: LifecycleHandle,
         api: &ApiConfig,
         keys: Vec<Secret>,
         model: &str,
     ) -> Shared {
         Arc::new(ApiState {
             sessions,
-            shutdown,
+            shutdown: lifecycle.shutdown(),
+            lifecycle,
+            responses: responses::Index::default(),
             live: RwLock::new(Live {
                 keys: Arc::new(keys),
                 max_body: api.max_body,
                 body_timeout: api.body_timeout,
+                keepalive: api.keepalive,
+                response_retention: api.response_retention,
                 model: model.to_owned(),
             }),
         })
@@ -70,6 +84,8 @@ impl ApiState {
         l.keys = Arc::new(keys);
         l.max_body = api.max_body;
         l.body_timeout = api.body_timeout;
+        l.keepalive = api.keepalive;
+        l.response_retention = api.response_retention;
         l.model = model.to_owned();
     }
 
@@ -79,6 +95,14 @@ impl ApiState {
 
     pub fn model(&self) -> String {
         self.live(|l| l.model.clone())
+    }
+
+    pub fn keepalive(&self) -> Duration {
+        self.live(|l| l.keepalive)
+    }
+
+    pub fn response_retention(&self) -> Duration {
+        self.live(|l| l.response_retention)
     }
 }
 
@@ -90,13 +114,25 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/runs/{id}", get(runs::get))
         .route("/v1/runs/{id}/events", get(runs::events))
         .route("/v1/runs/{id}/cancel", post(runs::cancel))
+        // The upstream hermes API server's name for the same.
+        .route("/v1/runs/{id}/stop", post(runs::cancel))
+        .route("/v1/capabilities", get(capabilities::capabilities))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
+        .route("/health/detailed", get(capabilities::health_detailed))
         .route("/v1/sessions", get(sessions::list))
         .route(
             "/v1/sessions/{id}",
             get(sessions::get).delete(sessions::delete),
         )
         .method_not_allowed_fallback(method_not_allowed)
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn(log_fields));
     v1.with_state(state)
 }
@@ -150,8 +186,19 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     diff == 0
 }
 
-/// Bearer keys, when any are configured. Every key is compared, match or not.
+/// Whether a path is authenticated: every `/v1` path, known or not (a wrong key gets 401
+/// before any route is looked up), and `/health/detailed`. Plain `/health` is open.
+fn needs_key(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/") || path == "/health/detailed"
+}
+
+/// Bearer keys, when any are configured, on the paths that need them ([`needs_key`]).
+/// Every key is compared, match or not. Layered over the whole `api` listener, so that it
+/// runs before routing.
 pub(super) async fn authenticate(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if !needs_key(req.uri().path()) {
+        return next.run(req).await;
+    }
     let keys = s.live(|l| l.keys.clone());
     if keys.is_empty() {
         return next.run(req).await;
@@ -231,11 +278,14 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// A session id: 1 to 200 printable ASCII characters without spaces.
+/// A session id or key: 1 to 256 visible ASCII characters (no spaces), as the upstream
+/// hermes API server and its client take them.
+pub const MAX_SESSION_ID: usize = 256;
+
 fn valid_session_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 200 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+    if id.is_empty() || id.len() > MAX_SESSION_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(format!(
-            "session id `{}` is not valid: use 1 to 200 printable ASCII characters without spaces",
+            "`{}` is not valid: use 1 to {MAX_SESSION_ID} visible ASCII characters without spaces",
             id.escape_default()
         ));
     }

@@ -1,7 +1,9 @@
-//! Server-sent events: a response body fed from a channel, and the `gateway_restarting`
-//! error that ends every stream still open just before the drain deadline.
+//! Server-sent events: a response body fed from a channel, the `: keepalive` comment sent
+//! after `[api] keepalive` of silence, and the `gateway_restarting` error that ends every
+//! stream still open just before the drain deadline.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,11 +37,55 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// A body that also drives the future feeding its channel: both are polled by the
+/// connection's own task, so a stream costs no task, cross-thread wake-up or hand-over of
+/// its own. Dropping the body (the client went away) drops the future.
+struct DrivenBody {
+    rx: mpsc::Receiver<Bytes>,
+    feed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl http_body::Body for DrivenBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(f) = self.feed.as_mut()
+            && f.as_mut().poll(cx).is_ready()
+        {
+            // Its sender is dropped with it: what it sent is read, then the end.
+            self.feed = None;
+        }
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A `text/event-stream` response fed by the future `feed` builds from a sender, driven
+/// by the body itself (see `DrivenBody`).
+pub fn driven<F, Fut>(feed: F) -> Response
+where
+    F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    stream_response(Body::new(DrivenBody {
+        rx,
+        feed: Some(Box::pin(feed(tx))),
+    }))
+}
+
 /// A `text/event-stream` response and the sender that feeds it. A send fails once the
 /// client has gone.
 pub fn response() -> (mpsc::Sender<Bytes>, Response) {
     let (tx, rx) = mpsc::channel(64);
-    let mut r = Response::new(Body::new(ChannelBody(rx)));
+    (tx, stream_response(Body::new(ChannelBody(rx))))
+}
+
+fn stream_response(body: Body) -> Response {
+    let mut r = Response::new(body);
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
     h.insert(
@@ -48,7 +94,7 @@ pub fn response() -> (mpsc::Sender<Bytes>, Response) {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    (tx, r)
+    r
 }
 
 /// One event: optional `id:` and `event:` lines, then `data:`.
@@ -71,15 +117,55 @@ pub fn event(id: Option<i64>, name: Option<&str>, data: &str) -> Bytes {
     Bytes::from(s)
 }
 
-/// The error event that ends a stream cut by a restart or stop.
-pub fn restarting_event() -> Bytes {
-    let data = ApiError::new(
+/// What a stream cut by a restart or stop says.
+pub const RESTARTING_MESSAGE: &str = "the gateway is restarting; retry the request (a run goes on after the restart: GET /v1/runs/{id}/events)";
+
+/// The error object of a stream cut by a restart or stop (OpenAI's shape: `code` is a
+/// string or null).
+pub fn restarting_error() -> serde_json::Value {
+    ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "gateway_restarting",
-        "the gateway is restarting; retry the request (a run goes on after the restart: GET /v1/runs/{id}/events)",
+        RESTARTING_MESSAGE,
     )
-    .body();
+    .body()["error"]
+        .clone()
+}
+
+/// The error event that ends a run's event stream cut by a restart or stop.
+pub fn restarting_event() -> Bytes {
+    let data = serde_json::json!({ "error": restarting_error() });
     event(None, Some("error"), &data.to_string())
+}
+
+/// The SSE comment sent on a stream that has been silent for `[api] keepalive`, so that
+/// clients and proxies with a read timeout keep it open.
+pub fn keepalive_comment() -> Bytes {
+    Bytes::from_static(b": keepalive\n\n")
+}
+
+/// The silence of a stream: [`Idle::elapsed`] resolves once nothing was sent for the
+/// keepalive interval; [`Idle::reset`] after each send.
+pub struct Idle {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    every: Duration,
+}
+
+impl Idle {
+    pub fn new(every: Duration) -> Self {
+        Idle {
+            sleep: Box::pin(tokio::time::sleep(every)),
+            every,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.sleep.as_mut().reset(Instant::now() + self.every);
+    }
+
+    pub async fn elapsed(&mut self) {
+        self.sleep.as_mut().await;
+    }
 }
 
 /// Resolves `RESTART_MARGIN` before the drain deadline (at once if that has passed).

@@ -36,6 +36,8 @@ pub struct Recent {
     lens: VecDeque<usize>,
     /// The number of messages the store holds for the session.
     pub stored: i64,
+    /// The session's `X-Hermes-Session-Key`, as the store holds it.
+    pub key: Option<String>,
     bytes: usize,
 }
 

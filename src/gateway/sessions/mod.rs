@@ -25,7 +25,7 @@ use std::time::Instant;
 use serde_json::{Map, Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::agents::{Agent, AgentError, TurnInput};
+use super::agents::{Agent, AgentError, Delta, Reply, TurnInput};
 use crate::config::SessionsConfig;
 use crate::store::runs::{self, RunRow, RunStatus};
 use crate::store::{self, Store, StoreError};
@@ -66,6 +66,12 @@ pub enum TurnError {
 pub struct Turn {
     pub run_id: String,
     pub session_id: Option<String>,
+    /// The client's `X-Hermes-Session-Key`: kept with the session, passed to the agent. A
+    /// turn without one passes the key kept with its session, if any.
+    pub session_key: Option<String>,
+    /// A system message given to the agent before the history, and not stored (a
+    /// response's `instructions`).
+    pub instructions: Option<String>,
     /// The messages the turn adds (after the stored history, when there is a session).
     pub messages: Vec<Value>,
     pub model: String,
@@ -78,17 +84,45 @@ pub enum TurnKind {
     /// A chat completion: the reply goes back to the request that waits for it.
     Chat {
         /// Where the reply goes as it is produced, when the client streams.
-        deltas: Option<mpsc::UnboundedSender<String>>,
-        done: oneshot::Sender<Result<String, TurnError>>,
+        deltas: Option<mpsc::UnboundedSender<Piece>>,
+        done: oneshot::Sender<Result<Reply, TurnError>>,
+        /// Written with the turn's messages, in the same commit (a stored response).
+        record: Option<Record>,
     },
     /// A durable run: its events and result go to the store and to subscribers.
     Run { live: Arc<LiveRun>, attempt: i64 },
 }
 
+/// A piece of a streamed turn, as the agent produced it ([`Delta`], owned).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Text(String),
+    Reasoning(String),
+    Event { name: String, data: String },
+}
+
+impl From<Delta<'_>> for Piece {
+    fn from(d: Delta<'_>) -> Self {
+        match d {
+            Delta::Text(t) => Piece::Text(t.to_owned()),
+            Delta::Reasoning(t) => Piece::Reasoning(t.to_owned()),
+            Delta::Event { name, data } => Piece::Event {
+                name: name.to_owned(),
+                data: data.to_owned(),
+            },
+        }
+    }
+}
+
+/// A write that goes with a chat turn's messages: given the reply and the number of
+/// messages the session holds with them.
+pub type Record =
+    Box<dyn FnOnce(&rusqlite::Connection, &Reply, i64) -> rusqlite::Result<()> + Send>;
+
 /// A chat turn's outcome and where it goes; see [`Sessions::execute`].
 struct Answer(
-    oneshot::Sender<Result<String, TurnError>>,
-    Result<String, TurnError>,
+    oneshot::Sender<Result<Reply, TurnError>>,
+    Result<Reply, TurnError>,
 );
 
 impl Answer {
@@ -239,6 +273,16 @@ impl Sessions {
             .agent
             .write()
             .unwrap_or_else(PoisonError::into_inner) = agent;
+    }
+
+    /// The configured backend's kind (`echo`, `openai`, `command`).
+    pub fn agent_kind(&self) -> &'static str {
+        self.agent().kind()
+    }
+
+    /// Whether the configured backend looks usable, or why not.
+    pub async fn agent_check(&self) -> Result<(), String> {
+        self.agent().check().await
     }
 
     fn agent(&self) -> Arc<dyn Agent> {
@@ -475,12 +519,16 @@ impl Sessions {
             return Ok(Some(r));
         }
         let id = id.to_owned();
-        let (stored, rows) = self
+        let (stored, rows, key) = self
             .inner
             .store
-            .read(move |c| store::sessions::recent(c, &id, limit))
+            .read(move |c| {
+                let (stored, rows) = store::sessions::recent(c, &id, limit)?;
+                Ok((stored, rows, store::sessions::key(c, &id)?))
+            })
             .await?;
         let mut recent = Recent::new(stored);
+        recent.key = key;
         for r in rows {
             if let Ok(v) = serde_json::from_str::<Value>(&r) {
                 recent.push(Arc::new(v), r.len(), limit as usize);
@@ -527,6 +575,8 @@ impl Sessions {
         let Turn {
             run_id,
             session_id,
+            session_key,
+            instructions,
             messages,
             model,
             params,
@@ -534,7 +584,11 @@ impl Sessions {
             kind,
         } = turn;
         match kind {
-            TurnKind::Chat { deltas, mut done } => {
+            TurnKind::Chat {
+                deltas,
+                mut done,
+                record,
+            } => {
                 if done.is_closed() {
                     // Queued, and its client has gone since: nobody to answer.
                     tracing::info!(
@@ -545,13 +599,20 @@ impl Sessions {
                     return None;
                 }
                 let started = Instant::now();
-                let recent = match self.history(&session_id).await {
+                let mut recent = match self.history(&session_id).await {
                     Ok(h) => h,
                     Err(e) => return Some(Answer(done, Err(TurnError::Store(e.to_string())))),
                 };
+                // A key given with the turn is kept (when it changed); else the kept one.
+                let kept_key = recent.as_ref().and_then(|r| r.key.clone());
+                let new_key = session_key.filter(|k| kept_key.as_ref() != Some(k));
+                if let (Some(r), Some(k)) = (recent.as_mut(), &new_key) {
+                    r.key = Some(k.clone());
+                }
                 let messages: Vec<Arc<Value>> = messages.into_iter().map(Arc::new).collect();
-                let input = turn_input(
+                let mut input = turn_input(
                     &session_id,
+                    new_key.clone().or(kept_key),
                     &run_id,
                     model,
                     recent.as_ref(),
@@ -559,10 +620,15 @@ impl Sessions {
                     params,
                     stream,
                 );
+                if let Some(i) = instructions {
+                    input
+                        .messages
+                        .insert(0, Arc::new(json!({"role": "system", "content": i})));
+                }
                 let agent = self.agent();
-                let mut sink = |d: &str| {
+                let mut sink = |d: Delta<'_>| {
                     if let Some(deltas) = &deltas {
-                        let _ = deltas.send(d.to_owned());
+                        let _ = deltas.send(d.into());
                     }
                 };
                 // The client leaving ends the turn: its request is dropped, or (streamed or
@@ -585,20 +651,25 @@ impl Sessions {
                     (Ok(reply), Some(sid)) => {
                         let sid = sid.clone();
                         let id = run_id.clone();
-                        let (answer, rows) = reply_rows(&messages, &reply);
+                        let (answer, rows) = reply_rows(&messages, &reply.text);
                         let sid2 = sid.clone();
-                        match self
-                            .inner
-                            .store
-                            // An append breaks no constraint: only a failing database fails it.
-                            .write_unguarded(move |c| {
-                                let now = store::now_ms();
-                                store::sessions::append_at(c, &sid2, &rows, Some(&id), now)
-                                    .map(|first| (first, rows))
-                            })
-                            .await
-                        {
-                            Ok((first, rows)) => {
+                        let job = move |c: &rusqlite::Connection| {
+                            let now = store::now_ms();
+                            let first =
+                                store::sessions::append_at(c, &sid2, &rows, Some(&id), now)?;
+                            if let Some(k) = &new_key {
+                                store::sessions::set_key(c, &sid2, k)?;
+                            }
+                            if let Some(record) = record {
+                                record(c, &reply, first + rows.len() as i64)?;
+                            }
+                            Ok((first, rows, reply))
+                        };
+                        // An append breaks no constraint: only a failing database fails it.
+                        // Nor does a record (a response's row, under a fresh unique id).
+                        let written = self.inner.store.write_unguarded(job).await;
+                        match written {
+                            Ok((first, rows, reply)) => {
                                 self.keep_history(
                                     &sid,
                                     recent,
@@ -683,6 +754,7 @@ impl Sessions {
             Ok(history) => {
                 let input = turn_input(
                     &session_id,
+                    history.as_ref().and_then(|h| h.key.clone()),
                     &run_id,
                     model.clone(),
                     history.as_ref(),
@@ -694,11 +766,13 @@ impl Sessions {
                 let agent = self.agent();
                 let this = self.clone();
                 let live2 = live.clone();
-                let mut sink = move |d: &str| {
-                    this.emit(&live2, "message.delta", obj(json!({ "delta": d })));
+                let mut sink = move |d: Delta<'_>| {
+                    if let Delta::Text(d) = d {
+                        this.emit(&live2, "message.delta", obj(json!({ "delta": d })));
+                    }
                 };
                 tokio::select! {
-                    r = agent.run(&input, &mut sink) => Some(r.map_err(TurnError::Agent)),
+                    r = agent.run(&input, &mut sink) => Some(r.map(|r| r.text).map_err(TurnError::Agent)),
                     () = live.cancelled() => None,
                 }
             }
@@ -914,8 +988,10 @@ impl Sessions {
 
 /// What an agent is given for a turn: the session's recent history, then the turn's own
 /// messages.
+#[allow(clippy::too_many_arguments)]
 fn turn_input(
     session_id: &Option<String>,
+    session_key: Option<String>,
     run_id: &str,
     model: String,
     recent: Option<&Recent>,
@@ -925,6 +1001,7 @@ fn turn_input(
 ) -> TurnInput {
     TurnInput {
         session_id: session_id.clone(),
+        session_key,
         run_id: run_id.to_owned(),
         model,
         messages: recent
@@ -954,6 +1031,8 @@ fn run_turn(row: RunRow, messages: Vec<Value>, live: Arc<LiveRun>, attempt: i64)
     Turn {
         run_id: row.id,
         session_id: row.session_id,
+        session_key: None,
+        instructions: None,
         messages,
         model: row.model,
         params: Map::new(),

@@ -1,14 +1,14 @@
 use std::time::Duration;
 
 use super::*;
-use crate::gateway::agents::{AgentFuture, DeltaSink};
+use crate::gateway::agents::{AgentFuture, DeltaSink, Reply};
 
 /// Replies with the number of messages it was given: the history it saw, plus one.
 struct Count;
 
 impl Agent for Count {
     fn run<'a>(&'a self, input: &'a TurnInput, _: DeltaSink<'a>) -> AgentFuture<'a> {
-        Box::pin(async move { Ok(input.messages.len().to_string()) })
+        Box::pin(async move { Ok(Reply::text(input.messages.len().to_string())) })
     }
 
     fn kind(&self) -> &'static str {
@@ -16,16 +16,22 @@ impl Agent for Count {
     }
 }
 
-fn chat(session: &str) -> (Turn, oneshot::Receiver<Result<String, TurnError>>) {
+fn chat(session: &str) -> (Turn, oneshot::Receiver<Result<Reply, TurnError>>) {
     let (done, rx) = oneshot::channel();
     let turn = Turn {
         run_id: crate::gateway::ids::new_id("chatcmpl"),
         session_id: Some(session.to_owned()),
+        session_key: None,
+        instructions: None,
         messages: vec![json!({"role": "user", "content": "hi"})],
         model: "m".into(),
         params: Map::new(),
         stream: false,
-        kind: TurnKind::Chat { deltas: None, done },
+        kind: TurnKind::Chat {
+            deltas: None,
+            done,
+            record: None,
+        },
     };
     (turn, rx)
 }
@@ -33,7 +39,7 @@ fn chat(session: &str) -> (Turn, oneshot::Receiver<Result<String, TurnError>>) {
 async fn turn(sessions: &Sessions, session: &str) -> String {
     let (t, rx) = chat(session);
     sessions.submit(t).expect("accepted");
-    rx.await.expect("answered").expect("a reply")
+    rx.await.expect("answered").expect("a reply").text
 }
 
 /// Keeps the store's writer busy for `ms` milliseconds: writes queued meanwhile wait.
@@ -79,7 +85,7 @@ async fn a_turn_arriving_during_a_delete_starts_a_new_session() {
         Deleted::Deleted
     );
     assert_eq!(
-        rx.await.expect("answered").expect("a reply"),
+        rx.await.expect("answered").expect("a reply").text,
         "1",
         "the turn ran after the delete, on an empty history"
     );
@@ -110,7 +116,7 @@ async fn a_delete_refuses_a_busy_session_and_answers_a_missing_one() {
     sessions.submit(t).expect("accepted");
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(sessions.delete("s").await.expect("delete"), Deleted::Busy);
-    assert_eq!(rx.await.expect("answered").expect("a reply"), "3");
+    assert_eq!(rx.await.expect("answered").expect("a reply").text, "3");
     blocker.await.expect("joined").expect("blocker");
     assert_eq!(
         sessions.delete("s").await.expect("delete"),

@@ -309,14 +309,14 @@ async fn receive(
     let session_id = match &route.cfg.session {
         None => None,
         Some(t) => match render(t, &input) {
-            Ok(s) if !s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(s) if !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic()) => {
                 Some(s)
             }
             Ok(s) => {
                 return unusable(
                     "session key",
                     format!(
-                        "`{}` is not a session id (1 to 200 printable ASCII characters without spaces)",
+                        "`{}` is not a session id (1 to 256 visible ASCII characters without spaces)",
                         s.escape_default()
                     ),
                 );
