@@ -56,12 +56,16 @@ fi
 venv=target/hermes-client-venv
 pin=$(grep -v '^#' tests/hermes_client/requirements.txt | head -n 1)
 if ! "$venv/bin/pip" freeze 2>/dev/null | grep -ixF "$pin" >/dev/null; then
-  py313=$(command -v python3.13 || true)
-  if [ -z "$py313" ]; then
-    for p in "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.1[3-9]*/bin/python3; do
-      [ -x "$p" ] && py313=$p
-    done
-  fi
+  # A candidate counts only if it runs: pyenv's shim for python3.13 exists (and fails)
+  # when 3.13 is installed but not the selected version.
+  py313=""
+  for p in "$(command -v python3.13 || true)" \
+    "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.1[3-9]*/bin/python3; do
+    if [ -n "$p" ] && [ -x "$p" ] && "$p" -c 'import sys; assert sys.version_info >= (3, 13)' 2>/dev/null; then
+      py313=$p
+      break
+    fi
+  done
   if [ -n "$py313" ]; then
     echo "== creating $venv ($pin, $("$py313" --version)) for the hermes client test"
     rm -rf "$venv"
