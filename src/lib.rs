@@ -11,4 +11,5 @@ pub mod config;
 pub mod gateway;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod store;

@@ -118,17 +118,20 @@ pub struct Listen {
     pub api: ListenAddr,
     pub webhook: ListenAddr,
     pub control: ListenAddr,
+    /// Prometheus metrics (`GET /metrics`); off unless configured or socket-activated.
+    pub metrics: ListenAddr,
     /// Permission bits of Unix sockets the gateway binds itself.
     pub socket_mode: u32,
 }
 
 impl Listen {
     /// The listeners in the order they are acquired and reported.
-    pub fn by_name(&self) -> [(&'static str, &ListenAddr); 3] {
+    pub fn by_name(&self) -> [(&'static str, &ListenAddr); 4] {
         [
             ("api", &self.api),
             ("webhook", &self.webhook),
             ("control", &self.control),
+            ("metrics", &self.metrics),
         ]
     }
 }
@@ -203,6 +206,7 @@ struct FileListen {
     api: Option<ListenAddr>,
     webhook: Option<ListenAddr>,
     control: Option<ListenAddr>,
+    metrics: Option<ListenAddr>,
     socket_mode: Option<SocketMode>,
 }
 
@@ -382,6 +386,7 @@ impl Config {
                 api: api_listen.map_or_else(|| default(DEFAULT_API), Ok)?,
                 webhook: webhook_listen,
                 control,
+                metrics: f.listen.metrics.unwrap_or(ListenAddr::Off),
                 socket_mode: f.listen.socket_mode.map_or(0o600, |m| m.0),
             },
             state_dir,

@@ -1,6 +1,7 @@
 //! The control socket: local administration over HTTP on a Unix socket.
 //! `curl --unix-socket /run/hermes-gateway/control.sock http://localhost/status`
 
+use crate::gateway::scrape::RouteExt;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,13 +24,13 @@ struct Control {
 
 pub fn router(lifecycle: LifecycleHandle, platforms: Platforms, schedules: Schedules) -> Router {
     Router::new()
-        .route("/status", get(status))
-        .route("/health", get(status))
-        .route("/pairing", get(pairing_list))
-        .route("/pairing/{code}/approve", post(approve))
-        .route("/pairing/revoke/{user}", post(revoke))
-        .route("/schedules", get(schedule_list))
-        .route("/schedules/{name}/run", post(schedule_run))
+        .route_tagged("/status", get(status))
+        .route_tagged("/health", get(status))
+        .route_tagged("/pairing", get(pairing_list))
+        .route_tagged("/pairing/{code}/approve", post(approve))
+        .route_tagged("/pairing/revoke/{user}", post(revoke))
+        .route_tagged("/schedules", get(schedule_list))
+        .route_tagged("/schedules/{name}/run", post(schedule_run))
         .with_state(Control {
             lifecycle,
             platforms,

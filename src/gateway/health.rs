@@ -1,12 +1,13 @@
 //! `GET /health`: the cheapest possible proof that the gateway answers.
 
+use crate::gateway::scrape::RouteExt;
 use axum::Json;
 use axum::Router;
 use axum::routing::get;
 use serde_json::{Value, json};
 
 pub fn router() -> Router {
-    Router::new().route("/health", get(health))
+    Router::new().route_tagged("/health", get(health))
 }
 
 async fn health() -> Json<Value> {

@@ -22,6 +22,7 @@ pub mod ids;
 pub mod platforms;
 pub mod rate;
 pub mod schedules;
+mod scrape;
 pub mod sessions;
 pub mod webhooks;
 
@@ -195,6 +196,16 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    fn scrape_sources(&self) -> scrape::Sources {
+        scrape::Sources {
+            sessions: self.sessions.clone(),
+            ledger: self.ledger.clone(),
+            platforms: self.platforms.clone(),
+        }
+    }
+}
+
 impl Drop for Gateway {
     /// Lets the writer finish what is queued and close the database (a WAL checkpoint).
     fn drop(&mut self) {
@@ -210,7 +221,9 @@ impl Service for Gateway {
                 self.platforms.clone(),
                 self.schedules.clone(),
             )
-            .merge(deliveries::api::router(self.ledger.clone(), "")),
+            .merge(deliveries::api::router(self.ledger.clone(), ""))
+            .merge(scrape::router(self.scrape_sources())),
+            "metrics" => health::router().merge(scrape::router(self.scrape_sources())),
             // Authenticated before routing: an unknown `/v1` path with a wrong key is 401.
             // Plain `/health` stays outside the layer, and costs what it did.
             "api" => {

@@ -229,3 +229,82 @@ mod tests {
             .unwrap();
     }
 }
+
+/// The drains of every process on a state folder, kept there (`drains`) so that their
+/// count and duration survive the restarts they end in: a process's own drain is its last
+/// act, and nothing could scrape it.
+pub mod history {
+    use std::path::Path;
+    use std::time::Duration;
+
+    const FILE: &str = "drains";
+
+    #[derive(Debug, Default, Clone, PartialEq)]
+    pub struct Drains {
+        pub stops: u64,
+        pub restarts: u64,
+        pub seconds_total: f64,
+        pub last_seconds: f64,
+    }
+
+    /// What the folder holds; nothing (a first start, or an unreadable file) is zero.
+    pub fn recall(state_dir: &Path) -> Drains {
+        let Ok(text) = std::fs::read_to_string(state_dir.join(FILE)) else {
+            return Drains::default();
+        };
+        let mut d = Drains::default();
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once(' ') else {
+                continue;
+            };
+            match k {
+                "stops" => d.stops = v.parse().unwrap_or(0),
+                "restarts" => d.restarts = v.parse().unwrap_or(0),
+                "seconds_total" => d.seconds_total = v.parse().unwrap_or(0.0),
+                "last_seconds" => d.last_seconds = v.parse().unwrap_or(0.0),
+                _ => {}
+            }
+        }
+        d
+    }
+
+    /// Adds a drain (`restart`: it ends in a restart) and writes the file anew (a
+    /// temporary file renamed over it). Best effort: a failure is logged, the exit goes on.
+    pub fn remember(state_dir: &Path, restart: bool, took: Duration) {
+        let mut d = recall(state_dir);
+        if restart {
+            d.restarts += 1;
+        } else {
+            d.stops += 1;
+        }
+        d.seconds_total += took.as_secs_f64();
+        d.last_seconds = took.as_secs_f64();
+        let text = format!(
+            "stops {}\nrestarts {}\nseconds_total {}\nlast_seconds {}\n",
+            d.stops, d.restarts, d.seconds_total, d.last_seconds
+        );
+        let tmp = state_dir.join(format!("{FILE}.tmp"));
+        let r =
+            std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, state_dir.join(FILE)));
+        if let Err(e) = r {
+            tracing::warn!("cannot record the drain in {}: {e}", state_dir.display());
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn drains_add_up_across_processes() {
+            let dir = tempfile::tempdir().unwrap();
+            assert_eq!(recall(dir.path()), Drains::default());
+            remember(dir.path(), true, Duration::from_millis(250));
+            remember(dir.path(), false, Duration::from_millis(500));
+            let d = recall(dir.path());
+            assert_eq!((d.stops, d.restarts), (1, 1));
+            assert!((d.seconds_total - 0.75).abs() < 1e-9);
+            assert!((d.last_seconds - 0.5).abs() < 1e-9);
+        }
+    }
+}

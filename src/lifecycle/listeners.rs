@@ -21,7 +21,7 @@ use super::notify::Notifier;
 use crate::config::{Listen, ListenAddr};
 
 /// The names the gateway serves.
-pub const NAMES: [&str; 3] = ["api", "webhook", "control"];
+pub const NAMES: [&str; 4] = ["api", "webhook", "control", "metrics"];
 /// Prefix of the `FDNAME=` under which self-bound listeners are parked in the fd store.
 const FDSTORE_PREFIX: &str = "fdstore-";
 /// Backlog of sockets we bind: connections wait here during a restart gap.
@@ -219,7 +219,8 @@ fn adopt(
                 notes.push((
                     tracing::Level::WARN,
                     format!(
-                        "inherited socket {address} has no name and matches no configured listener; closed (set FileDescriptorName= to api, webhook or control)"
+                        "inherited socket {address} has no name and matches no configured listener; closed (set FileDescriptorName= to one of: {})",
+                        NAMES.join(", ")
                     ),
                 ));
                 return;
@@ -232,7 +233,8 @@ fn adopt(
         notes.push((
             tracing::Level::WARN,
             format!(
-                "inherited socket `{name}` ({address}) is not a listener this gateway knows (api, webhook, control); closed"
+                "inherited socket `{name}` ({address}) is not a listener this gateway knows ({}); closed",
+                NAMES.join(", ")
             ),
         ));
         return;
@@ -452,6 +454,7 @@ mod tests {
             api: ListenAddr::parse(api).unwrap(),
             webhook: ListenAddr::Off,
             control: ListenAddr::Unix(control.to_path_buf()),
+            metrics: ListenAddr::Off,
             socket_mode: 0o600,
         }
     }

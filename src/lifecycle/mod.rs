@@ -177,6 +177,13 @@ impl Context {
                 return Outcome::Exit(ExitStatus::Fatal);
             }
         };
+        let drains = drain::history::recall(&config.state_dir);
+        crate::metrics::started(self.supervisor.as_str());
+        crate::metrics::drains_before(
+            &[("stop", drains.stops), ("restart", drains.restarts)],
+            drains.seconds_total,
+            drains.last_seconds,
+        );
         let mut notes = Notes::new();
         let mut set = match listeners::acquire(&env, &config.listen, &notifier, &mut notes) {
             Ok(s) => s,
@@ -264,6 +271,7 @@ impl Context {
         };
         // The drain begins before STOPPING=1 is announced: whoever sees STOPPING=1 already
         // gets `Connection: close` on the next response.
+        let drain_began = std::time::Instant::now();
         let deadline = drain.begin(config.drain_timeout, config.idle_grace);
         let open = drain.connections().active();
         let _ = notifier.send(&[
@@ -307,6 +315,11 @@ impl Context {
         if left > 0 {
             tracing::warn!("{left} connections were still open at the drain deadline; closed");
         }
+        drain::history::remember(
+            &config.state_dir,
+            matches!(kind, StopKind::Restart),
+            drain_began.elapsed(),
+        );
         // draining → exit
         match kind {
             StopKind::Stop => {
@@ -435,11 +448,13 @@ fn reload<S: Service>(
                 tracing::warn!("log level not changed: {e}");
             }
             service.reload(&new);
+            crate::metrics::reloaded(true);
             tracing::info!(config = %new.origin(), "configuration reloaded from {}", new.origin());
             handle.reloaded(&new, None);
             *config = new;
         }
         Err(e) => {
+            crate::metrics::reloaded(false);
             tracing::error!("reload failed, still running the previous configuration: {e}");
             handle.reloaded(config, Some(e.to_string()));
         }

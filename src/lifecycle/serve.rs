@@ -23,6 +23,7 @@ use tower::ServiceExt;
 
 use super::drain::{ConnectionTracker, Shutdown};
 use super::listeners::{Listener, Socket};
+use crate::metrics::http as http_metrics;
 
 /// What a handler may want to know about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -140,6 +141,10 @@ where
     } = ctx;
     let mut last_warning: Option<tokio::time::Instant> = None;
     let mut unlogged = 0u64;
+    let metrics = crate::metrics::enabled().then(|| {
+        let listener = http_metrics::intern(&name);
+        (listener, http_metrics::open_connections(listener))
+    });
     loop {
         let permit = match &limit {
             None => None,
@@ -162,6 +167,7 @@ where
                     let guard = tracker.open();
                     let conn = Connection {
                         info: ConnInfo { listener: name.clone(), peer: peer.into() },
+                        metrics: metrics.as_ref().map(|(l, open)| Metrics::open(l, open)),
                         router: router.clone(),
                         shutdown: shutdown.clone(),
                         tracker: tracker.clone(),
@@ -195,8 +201,31 @@ where
     tracing::debug!(listener = %name, "stopped accepting");
 }
 
+/// A connection's metrics: its place in the open count, and the handles its requests use.
+struct Metrics {
+    open: Arc<std::sync::atomic::AtomicI64>,
+    cache: Arc<http_metrics::Cache>,
+}
+
+impl Metrics {
+    fn open(listener: &'static str, open: &Arc<std::sync::atomic::AtomicI64>) -> Metrics {
+        open.fetch_add(1, Ordering::Relaxed);
+        Metrics {
+            open: open.clone(),
+            cache: Arc::new(http_metrics::Cache::new(listener)),
+        }
+    }
+}
+
+impl Drop for Metrics {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct Connection {
     info: ConnInfo,
+    metrics: Option<Metrics>,
     router: axum::Router,
     shutdown: Shutdown,
     tracker: Arc<ConnectionTracker>,
@@ -227,14 +256,24 @@ impl Connection {
         let router = self.router.clone();
         let draining = self.shutdown.clone();
         let tracker = self.tracker.clone();
+        let cache = self.metrics.as_ref().map(|m| m.cache.clone());
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            handle(
+            let scoped = cache.is_some();
+            let handled = handle(
                 req,
                 info.clone(),
                 router.clone(),
                 draining.clone(),
                 tracker.clone(),
-            )
+                cache.clone(),
+            );
+            async move {
+                if scoped {
+                    http_metrics::with_route(handled).await
+                } else {
+                    handled.await
+                }
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -372,6 +411,7 @@ async fn handle(
     router: axum::Router,
     shutdown: Shutdown,
     tracker: Arc<ConnectionTracker>,
+    metrics: Option<Arc<http_metrics::Cache>>,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
     let id = next_request_id();
@@ -392,7 +432,11 @@ async fn handle(
         resp.headers_mut().insert("x-request-id", v);
     }
     let status = resp.status().as_u16();
-    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let took = started.elapsed();
+    if let Some(m) = metrics {
+        m.record(http_metrics::route(), status, took);
+    }
+    let duration_ms = took.as_secs_f64() * 1000.0;
     let fields = resp.extensions().get::<LogFields>();
     tracing::info!(
         target: "access",

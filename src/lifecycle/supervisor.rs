@@ -19,13 +19,19 @@ pub enum Supervisor {
     None,
 }
 
-impl fmt::Display for Supervisor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Supervisor {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Supervisor::Systemd => "systemd",
             Supervisor::Launchd => "launchd",
             Supervisor::None => "none",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Supervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -240,3 +240,17 @@ pub fn count_by_state(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>>
     let mut st = conn.prepare_cached("SELECT state, count(*) FROM deliveries GROUP BY state")?;
     st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
 }
+
+/// Deliveries by state, and when the oldest open one was received.
+pub type DeliveryMetrics = (Vec<(String, i64)>, Option<i64>);
+
+/// [`DeliveryMetrics`] now, for a scrape.
+pub fn metrics(conn: &Connection) -> rusqlite::Result<DeliveryMetrics> {
+    let counts = count_by_state(conn)?;
+    let oldest = conn
+        .prepare_cached(
+            "SELECT min(received_at) FROM deliveries WHERE state NOT IN ('delivered', 'failed')",
+        )?
+        .query_row([], |r| r.get(0))?;
+    Ok((counts, oldest))
+}

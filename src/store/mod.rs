@@ -476,7 +476,12 @@ fn writer_loop(
         }
         let ran = batch.len();
         let mut done = Vec::with_capacity(ran);
+        let began = Instant::now();
         let result = run_batch(&mut conn, &mut batch, &mut done);
+        crate::metrics::store_commit(
+            began.elapsed(),
+            result.as_ref().map(|_| ()).map_err(error_kind),
+        );
         since_fold += ran - batch.len();
         let failed = result.err().map(|e| match e {
             StoreError::Commit(m) => m,
@@ -495,6 +500,21 @@ fn writer_loop(
         }
     }
     fold_logged(&mut conn, "folding the turn log at close");
+}
+
+/// A failed commit's kind, for metrics: `full`, `io`, `busy`, `readonly` or `other`.
+fn error_kind(e: &StoreError) -> &'static str {
+    use rusqlite::ffi::ErrorCode;
+    let StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) = e else {
+        return "other";
+    };
+    match f.code {
+        ErrorCode::DiskFull => "full",
+        ErrorCode::SystemIoFailure | ErrorCode::CannotOpen | ErrorCode::DatabaseCorrupt => "io",
+        ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => "busy",
+        ErrorCode::ReadOnly => "readonly",
+        _ => "other",
+    }
 }
 
 /// Tells the callers of each commit how it went. From a task on the runtime that opened

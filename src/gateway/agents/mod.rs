@@ -49,6 +49,16 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// For metrics: `upstream`, `unreachable`, `timeout` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentError::Upstream { .. } => "upstream",
+            AgentError::Unreachable(_) => "unreachable",
+            AgentError::Timeout(_) => "timeout",
+            AgentError::Failed(_) => "failed",
+        }
+    }
+
     pub fn http_status(&self) -> http::StatusCode {
         match self {
             AgentError::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,

@@ -8,6 +8,7 @@ mod runs;
 mod sessions;
 pub mod sse;
 
+use crate::gateway::scrape::RouteExt;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -108,27 +109,27 @@ impl ApiState {
 
 pub fn router(state: Shared) -> Router {
     let v1 = Router::new()
-        .route("/v1/chat/completions", post(chat::completions))
-        .route("/v1/models", get(chat::models))
-        .route("/v1/runs", post(runs::create))
-        .route("/v1/runs/{id}", get(runs::get))
-        .route("/v1/runs/{id}/events", get(runs::events))
-        .route("/v1/runs/{id}/cancel", post(runs::cancel))
+        .route_tagged("/v1/chat/completions", post(chat::completions))
+        .route_tagged("/v1/models", get(chat::models))
+        .route_tagged("/v1/runs", post(runs::create))
+        .route_tagged("/v1/runs/{id}", get(runs::get))
+        .route_tagged("/v1/runs/{id}/events", get(runs::events))
+        .route_tagged("/v1/runs/{id}/cancel", post(runs::cancel))
         // The upstream hermes API server's name for the same.
-        .route("/v1/runs/{id}/stop", post(runs::cancel))
-        .route("/v1/capabilities", get(capabilities::capabilities))
-        .route("/v1/responses", post(responses::create))
-        .route(
+        .route_tagged("/v1/runs/{id}/stop", post(runs::cancel))
+        .route_tagged("/v1/capabilities", get(capabilities::capabilities))
+        .route_tagged("/v1/responses", post(responses::create))
+        .route_tagged(
             "/v1/responses/{id}",
             get(responses::get).delete(responses::delete),
         )
-        .route(
+        .route_tagged(
             "/v1/responses/{id}/input_items",
             get(responses::input_items),
         )
-        .route("/health/detailed", get(capabilities::health_detailed))
-        .route("/v1/sessions", get(sessions::list))
-        .route(
+        .route_tagged("/health/detailed", get(capabilities::health_detailed))
+        .route_tagged("/v1/sessions", get(sessions::list))
+        .route_tagged(
             "/v1/sessions/{id}",
             get(sessions::get).delete(sessions::delete),
         )

@@ -2,6 +2,7 @@
 //! its keys) and the same on the control socket (`/deliveries`, `/deliveries/{id}/retry`)
 //! for `hermes-gateway deliveries list|retry`.
 
+use crate::gateway::scrape::RouteExt;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,8 +19,8 @@ const STATES: [&str; 5] = ["received", "pending", "attempting", "delivered", "fa
 /// The routes under `prefix` (`/v1` on the api listener, empty on the control socket).
 pub fn router(ledger: DeliveryLedger, prefix: &str) -> Router {
     Router::new()
-        .route(&format!("{prefix}/deliveries"), get(list))
-        .route(&format!("{prefix}/deliveries/{{id}}/retry"), post(retry))
+        .route_tagged(&format!("{prefix}/deliveries"), get(list))
+        .route_tagged(&format!("{prefix}/deliveries/{{id}}/retry"), post(retry))
         .with_state(ledger)
 }
 

@@ -318,6 +318,26 @@ impl DeliveryLedger {
         })
     }
 
+    /// For a scrape: deliveries by state, and the age of the oldest open one. A store that
+    /// cannot be read leaves the last values.
+    pub async fn export_metrics(&self) {
+        let Ok((counts, oldest)) = self.inner.store.read(rows::metrics).await else {
+            return;
+        };
+        let states = ["received", "pending", "attempting", "delivered", "failed"];
+        let by_state: Vec<(&'static str, i64)> = states
+            .iter()
+            .map(|s| {
+                let n = counts.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+                (*s, n)
+            })
+            .collect();
+        let age = oldest.map(|t| {
+            std::time::Duration::from_millis(u64::try_from(store::now_ms() - t).unwrap_or(0))
+        });
+        crate::metrics::deliveries(&by_state, age);
+    }
+
     pub async fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         self.inner.store.read(rows::count_by_state).await
     }
@@ -403,6 +423,14 @@ impl DeliveryLedger {
                 tracing::error!(route = %row.route, delivery_id = %row.id,
                     "cannot store the turn's outcome: {e}; it resumes at the next start");
                 return;
+            }
+            if let Some(schedule) = row.route.strip_prefix("schedule:") {
+                let status = match outcome["status"].as_str() {
+                    Some("completed") => "completed",
+                    Some("cancelled") => "cancelled",
+                    _ => "failed",
+                };
+                crate::metrics::schedule_run(schedule, status);
             }
             row.result = Some(text);
             row.state = "pending".into();
@@ -490,6 +518,7 @@ impl DeliveryLedger {
             let now = store::now_ms();
             let e = match sent {
                 Ok(()) => {
+                    crate::metrics::delivery_attempt("delivered");
                     let id = row.id.clone();
                     self.inner
                         .store
@@ -526,6 +555,7 @@ impl DeliveryLedger {
             } else {
                 0
             };
+            crate::metrics::delivery_attempt(if left { "retry" } else { "failed" });
             let id = row.id.clone();
             let err = e.message().to_owned();
             let n = left.then_some(next);
@@ -569,7 +599,9 @@ impl DeliveryLedger {
         };
         let from = progress.load(Ordering::Relaxed);
         let (store, id, seen) = (self.inner.store.clone(), row.id.clone(), progress.clone());
+        let (platform, name) = (c.platform.clone(), c.name.clone());
         let on_part = move |n: usize| {
+            crate::metrics::platform_messages(&platform, &name, "out", 1);
             let n = n as i64;
             seen.store(n, Ordering::Relaxed);
             let id = id.clone();

@@ -340,6 +340,7 @@ impl Platforms {
         let this = self.clone();
         let runtime = tokio::runtime::Handle::current();
         let (platform, name) = (inst.platform, inst.name.clone());
+        let counted = name.clone();
         let result = self
             .inner
             .store
@@ -362,8 +363,15 @@ impl Platforms {
                     }
                     Ok(out)
                 },
-                move |out| {
+                move |out: Vec<(Plan, bool)>| {
                     let _rt = runtime.enter();
+                    let taken = out
+                        .iter()
+                        .filter(|(p, repeat)| !repeat && !matches!(p, Plan::Drop))
+                        .count();
+                    if taken > 0 {
+                        crate::metrics::platform_messages(platform, &counted, "in", taken as u64);
+                    }
                     this.committed(out, &items);
                 },
             )

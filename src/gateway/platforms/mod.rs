@@ -527,6 +527,28 @@ impl Platforms {
         out
     }
 
+    /// For a scrape: each instance's backlog, whether its last request worked, and when one
+    /// last did.
+    pub async fn export_metrics(&self) {
+        for i in &self.inner.instances {
+            let route = i.key.clone();
+            let backlog = self
+                .inner
+                .store
+                .read(move |c| rows::count_open(c, &route))
+                .await
+                .unwrap_or(0);
+            let h = i.health().clone();
+            let up = match (h.last_ok_unix_ms, h.last_error_unix_ms) {
+                (Some(ok), Some(err)) => ok >= err,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            let last = h.last_ok_unix_ms.map_or(0.0, |t| t as f64 / 1000.0);
+            crate::metrics::platform_state(i.platform, &i.name, backlog, up, last);
+        }
+    }
+
     fn inbox(&self, platform: &str, name: &str) -> Option<Arc<dyn webhook::WebhookInbox>> {
         self.inner
             .inboxes

@@ -6,6 +6,7 @@
 //! it carries, and only then the platform's answer (2xx). A store that cannot commit is
 //! 503 with `Retry-After`: the platform sends it again.
 
+use crate::gateway::scrape::RouteExt;
 use std::sync::Arc;
 
 use axum::Router;
@@ -105,7 +106,7 @@ pub trait WebhookInbox: Send + Sync + 'static {
 
 pub fn router(platforms: Platforms) -> Router {
     Router::new()
-        .route("/platforms/{platform}/{name}", post(receive).get(receive))
+        .route_tagged("/platforms/{platform}/{name}", post(receive).get(receive))
         .with_state(platforms)
 }
 

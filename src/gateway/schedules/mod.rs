@@ -118,6 +118,7 @@ impl Schedules {
             if running.contains_key(&c.name) {
                 continue;
             }
+            crate::metrics::schedule_known(&c.name);
             let next = Arc::new(AtomicI64::new(0));
             let this = self.clone();
             let (config, cell) = (c.clone(), next.clone());
@@ -212,6 +213,7 @@ impl Schedules {
             Missed::Skip => {
                 tracing::info!(schedule = %c.name, "schedule `{}`: slot {} was missed {why}: skipped (missed = \"skip\")",
                     c.name, slot_id(slot));
+                crate::metrics::schedule_run(&c.name, "skipped");
                 let name = c.name.clone();
                 let _ = self
                     .inner

@@ -298,6 +298,12 @@ impl Sessions {
     }
 
     /// `N active sessions, M runs queued` for `STATUS=`.
+    /// For a scrape: sessions busy, and turns waiting behind another of their session.
+    pub fn export_metrics(&self) {
+        let busy = self.slots().len();
+        crate::metrics::sessions(busy, self.inner.queued.load(Ordering::Relaxed));
+    }
+
     pub fn summary(&self) -> String {
         let active = self.slots().len();
         let queued = self.inner.queued.load(Ordering::Relaxed);
@@ -633,12 +639,15 @@ impl Sessions {
                 };
                 // The client leaving ends the turn: its request is dropped, or (streamed or
                 // queued) the receiver of its answer.
+                let agent_began = Instant::now();
                 let result = tokio::select! {
                     r = agent.run(&input, &mut sink) => Some(r),
                     () = done.closed() => None,
                 };
+                let ran = Some((agent.kind(), agent_began.elapsed()));
                 drop(input);
                 let Some(result) = result else {
+                    crate::metrics::run_finished("cancelled", ran, None);
                     self.return_history(&session_id, recent);
                     tracing::info!(
                         session_key = session_id.as_deref().unwrap_or(""),
@@ -689,6 +698,16 @@ impl Sessions {
                         Err(TurnError::Agent(e))
                     }
                 };
+                let failure = match &result {
+                    Err(TurnError::Agent(e)) => Some(e.kind()),
+                    _ => None,
+                };
+                let state = if result.is_ok() {
+                    "completed"
+                } else {
+                    "failed"
+                };
+                crate::metrics::run_finished(state, ran, failure);
                 match &result {
                     Ok(_) => tracing::debug!(
                         session_key = session_id.as_deref().unwrap_or(""),
@@ -748,6 +767,7 @@ impl Sessions {
         tracing::info!(session_key = %skey, run_id = %run_id, "run started (attempt {attempt})");
 
         let mut recent = None;
+        let mut ran = None;
         let messages: Vec<Arc<Value>> = messages.into_iter().map(Arc::new).collect();
         let outcome = match self.history(&session_id).await {
             Err(e) => Some(Err(TurnError::Store(e.to_string()))),
@@ -771,13 +791,20 @@ impl Sessions {
                         this.emit(&live2, "message.delta", obj(json!({ "delta": d })));
                     }
                 };
-                tokio::select! {
+                let agent_began = Instant::now();
+                let r = tokio::select! {
                     r = agent.run(&input, &mut sink) => Some(r.map(|r| r.text).map_err(TurnError::Agent)),
                     () = live.cancelled() => None,
-                }
+                };
+                ran = Some((agent.kind(), agent_began.elapsed()));
+                r
             }
         };
 
+        let failure = match &outcome {
+            Some(Err(TurnError::Agent(e))) => Some(e.kind()),
+            _ => None,
+        };
         let (status, output, error, kind, fields) = match outcome {
             Some(Ok(reply)) => (
                 RunStatus::Completed,
@@ -795,6 +822,7 @@ impl Sessions {
             ),
             None => (RunStatus::Cancelled, None, None, "run.cancelled", json!({})),
         };
+        crate::metrics::run_finished(status.as_str(), ran, failure);
         let ev = live.push(kind, obj(fields));
         let id = run_id.clone();
         let sid = session_id.clone();

@@ -8,6 +8,7 @@
 pub mod signature;
 pub mod template;
 
+use crate::gateway::scrape::RouteExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -148,7 +149,7 @@ fn limits(c: &WebhookConfig) -> Limits {
 
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .route("/webhooks/{route}", post(receive))
+        .route_tagged("/webhooks/{route}", post(receive))
         .with_state(state)
 }
 
