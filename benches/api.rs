@@ -14,8 +14,11 @@
 //! reported against the session turn's of the same round. Then it
 //! stores 10,000 sessions and reports the gateway's resident memory.
 //!
+//! Last, what the Prometheus metrics cost: a gateway counting against one with
+//! `HERMES_GATEWAY_METRICS=off`, side by side (`BENCH_ONLY=metrics` runs only that).
+//!
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3),
-//! BENCH_CONNS (default 64).
+//! BENCH_CONNS (default 64), BENCH_ONLY=metrics.
 
 mod support;
 
@@ -50,6 +53,10 @@ impl Drop for Gateway {
 }
 
 fn start(dir: &Path) -> Gateway {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, env: &[(&str, &str)]) -> Gateway {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -70,6 +77,7 @@ fn start(dir: &Path) -> Gateway {
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -277,11 +285,61 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// What the metrics cost: two gateways side by side, one counting (the default) and one
+/// with `HERMES_GATEWAY_METRICS=off`, driven in turn (the order alternates by round) with
+/// `/health` and with session turns. Reports the rate with metrics over the rate without,
+/// and the gateway's CPU per request without over with (target: both >= 0.97).
+fn metrics_overhead(rounds: usize, secs: u64, conns: usize) {
+    let (d_on, d_off) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let on = start_with(d_on.path(), &[]);
+    let off = start_with(d_off.path(), &[("HERMES_GATEWAY_METRICS", "off")]);
+    for gw in [&on, &off] {
+        run(gw, Load::Health, conns, 1, 0);
+        run(gw, Load::SessionTurn, conns, 1, 0);
+    }
+    let mut ratios: [Vec<f64>; 4] = Default::default();
+    for round in 1..=rounds {
+        for (i, load) in [Load::Health, Load::SessionTurn].into_iter().enumerate() {
+            let (a, b) = if round % 2 == 1 {
+                let a = run(&on, load, conns, secs, round);
+                (a, run(&off, load, conns, secs, round))
+            } else {
+                let b = run(&off, load, conns, secs, round);
+                (run(&on, load, conns, secs, round), b)
+            };
+            let rate = a.rps / b.rps.max(1.0);
+            let cpu = b.gw_cpu_us / a.gw_cpu_us.max(0.001);
+            println!(
+                "round {round}: {:<12} with metrics {:>8.0} req/s ({:.1} us CPU per request), without {:>8.0} req/s ({:.1} us) | rate ratio {rate:.3}, CPU ratio {cpu:.3} | other processes {:.0}%",
+                ["GET /health", "session turn"][i],
+                a.rps,
+                a.gw_cpu_us,
+                b.rps,
+                b.gw_cpu_us,
+                a.others_pct.max(b.others_pct)
+            );
+            ratios[2 * i].push(rate);
+            ratios[2 * i + 1].push(cpu);
+        }
+    }
+    let [hr, hc, tr, tc] = ratios.map(median);
+    println!(
+        "median: with metrics, GET /health at {hr:.3} of the rate without (CPU per request ratio {hc:.3}); session turns at {tr:.3} (CPU ratio {tc:.3}) (target >= 0.97)"
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful.
     let secs = env_u64("BENCH_SECS", 5);
     let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
     let conns = env_u64("BENCH_CONNS", 64) as usize;
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("metrics") {
+        metrics_overhead(rounds, secs, conns);
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = start(dir.path());
     println!(
@@ -417,4 +475,6 @@ fn main() {
         rss_idle as f64 / 1024.0,
         rss_after as f64 / 1024.0
     );
+    drop(gw);
+    metrics_overhead(rounds, secs, conns);
 }
