@@ -252,6 +252,9 @@ impl Metrics {
         for state in ["completed", "failed", "cancelled"] {
             let _ = runs_finished.get_or_create(&[("state", state)]);
         }
+        for kind in ["upstream", "unreachable", "timeout", "failed"] {
+            let _ = agent_failures.get_or_create(&[("kind", kind)]);
+        }
         for result in ["delivered", "retry", "failed"] {
             let _ = delivery_attempts.get_or_create(&[("result", result)]);
         }

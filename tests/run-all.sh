@@ -15,6 +15,24 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v dh >/dev/null 2>&1 || missing+=(debhelper)
 command -v lintian >/dev/null 2>&1 || missing+=(lintian)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# tests/metrics.rs: promtool checks a scrape and the alert rules, and a real Prometheus
+# scrapes the gateway. Installed apart, without its recommends (node exporters) and
+# without starting its service: a policy-rc.d refuses that for the install's duration.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "== installing prometheus (promtool, and a server the metrics test starts itself)"
+    policy=/usr/sbin/policy-rc.d
+    own_policy=
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+    if [ -n "$own_policy" ]; then rm -f "$policy"; fi
+  else
+    echo "== prometheus missing and not root: tests/metrics.rs will say so and skip its Prometheus checks"
+  fi
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing test prerequisites: ${missing[*]}"
