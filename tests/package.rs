@@ -319,6 +319,45 @@ fn package_installs_serves_restarts_upgrades_and_purges_cleanly() {
             .contains("\"ok\"")
     );
 
+    // The metrics socket is shipped, not enabled; enabled by the README's three steps, the
+    // gateway serves Prometheus on it.
+    const METRICS: &str = "hermes-gateway-metrics.socket";
+    assert_ne!(
+        sb.show(METRICS, "ActiveState"),
+        "active",
+        "not started by the package"
+    );
+    assert_ne!(
+        sb.systemctl(&["is-enabled", METRICS]).status.code(),
+        Some(0),
+        "not enabled by the package"
+    );
+    sb.systemctl_ok(&["enable", METRICS]);
+    sb.systemctl_ok(&["stop", UNIT]);
+    sb.systemctl_ok(&["start", METRICS, UNIT]);
+    let scrape = sdbox::wait_for(
+        "a scrape on 127.0.0.1:9464",
+        Duration::from_secs(20),
+        || {
+            let o = sb.sh("curl -sf http://127.0.0.1:9464/metrics");
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+        },
+    );
+    assert!(
+        scrape.contains("hermes_gateway_supervisor{kind=\"systemd\"} 1"),
+        "{scrape}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&sb.exec_ok(&["hermes-gateway", "status", "--json"])).unwrap();
+    let metrics = st["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == "metrics"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(metrics["origin"], "systemd", "{st}");
+
     // `hermes-gateway stop` stops the unit and says the sockets still listen; the next
     // connection starts it again.
     let out = sb.exec_ok(&["hermes-gateway", "stop"]);
@@ -332,7 +371,7 @@ fn package_installs_serves_restarts_upgrades_and_purges_cleanly() {
 
     // Remove: stopped and disabled; the configuration stays until purge.
     sb.sh_ok("DEBIAN_FRONTEND=noninteractive dpkg -r hermes-gateway 2>&1");
-    for u in SOCKETS.iter().chain([&UNIT]) {
+    for u in SOCKETS.iter().chain([&UNIT, &METRICS]) {
         assert_ne!(sb.show(u, "ActiveState"), "active", "{u} stopped on remove");
     }
     assert!(
