@@ -273,6 +273,36 @@ fn a_full_disk_refuses_every_write_with_503_keeps_reads_and_recovers_by_itself()
         assert_api_unavailable(&chat(api, "s1", &format!("during {i}")), "a chat turn");
     }
     assert_api_unavailable(&chat(api, "s2", "a new session"), "a new session's turn");
+    // Streamed, the status went out first: the stream ends failed, never with `stop`.
+    let body = json!({"messages": [{"role": "user", "content": "streamed"}], "stream": true});
+    let r = Conn::open_with_timeout(api, WAIT)
+        .and_then(|mut c| {
+            c.request(
+                "POST",
+                "/v1/chat/completions",
+                &[("X-Hermes-Session-Id", "s1")],
+                &body.to_string(),
+            )
+        })
+        .expect("streamed chat request");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let finish: Vec<Value> = r
+        .sse()
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| !v["choices"][0]["finish_reason"].is_null())
+        .collect();
+    assert_eq!(finish.len(), 1, "{}", r.body);
+    assert_eq!(
+        finish[0]["choices"][0]["finish_reason"], "error",
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        finish[0]["hermes"]["error_code"], "store_unavailable",
+        "{}",
+        r.body
+    );
     assert_api_unavailable(
         &call(api, "POST", "/v1/runs", r#"{"input": "another run"}"#),
         "a run",
