@@ -155,7 +155,7 @@ impl Metrics {
         let store_errors = Family::<L1, Counter>::default();
         r.register(
             "store_errors",
-            "Failed store commits by kind (full, io, busy, readonly, other)",
+            "Writes and commits the database refused, by kind (full, io, busy, readonly, other)",
             store_errors.clone(),
         );
         let sessions_busy = Gauge::default();
@@ -380,19 +380,17 @@ pub fn drains_before(kinds: &[(&'static str, u64)], seconds_total: f64, last_sec
 
 // ---- store ----
 
-/// A group commit, and how it went (`Err(kind)`: one of `full`, `io`, `busy`,
-/// `readonly`, `other`).
-pub fn store_commit(took: Duration, result: Result<(), &'static str>) {
+/// A group commit that succeeded, and how long it took (fsync included).
+pub fn store_commit(took: Duration) {
     let Some(m) = m() else { return };
-    match result {
-        Ok(()) => {
-            m.commit_duration.observe(took.as_secs_f64());
-            m.commits.inc();
-        }
-        Err(kind) => {
-            m.store_errors.get_or_create(&[("kind", kind)]).inc();
-        }
-    }
+    m.commit_duration.observe(took.as_secs_f64());
+    m.commits.inc();
+}
+
+/// A write the database refused: `full`, `io`, `busy`, `readonly` or `other`.
+pub fn store_error(kind: &'static str) {
+    let Some(m) = m() else { return };
+    m.store_errors.get_or_create(&[("kind", kind)]).inc();
 }
 
 // ---- sessions, runs, agents ----

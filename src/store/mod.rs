@@ -13,8 +13,13 @@
 //!
 //! Reads run on a small pool of read-only connections inside `spawn_blocking` (WAL lets
 //! them run beside the writer).
+//!
+//! A database that cannot write (disk full, I/O error, locked by another process) fails
+//! each write with an error that [`StoreError::is_unavailable`] tells apart, and leaves
+//! the store degraded ([`Store::degraded`]) until a commit succeeds again; see [`health`].
 
 pub mod deliveries;
+mod health;
 mod migrations;
 pub mod platforms;
 pub mod responses;
@@ -81,17 +86,41 @@ pub enum StoreError {
     WriterGone,
     #[error("the database commit failed: {0}")]
     Commit(String),
+    /// The database cannot write now (see [`StoreError::is_unavailable`]): nothing of the
+    /// write was stored.
+    #[error("storage is unavailable: {0}")]
+    Unavailable(String),
 }
 
-/// A write job: runs inside the batch's transaction and returns whether it succeeded plus
-/// what to do once the commit is known.
+/// A write job: runs inside the batch's transaction and returns how it went plus what to
+/// do once the commit is known. Given no connection (the transaction could not begin), it
+/// runs nothing and returns what to do with the failure.
 struct Job {
     /// In a savepoint of its own, so that its failure undoes only its own writes.
     guarded: bool,
     run: JobFn,
 }
-type JobFn = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+type JobFn = Box<dyn FnOnce(Option<&Connection>) -> (Ran, Completion) + Send>;
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// How a job's own statements went.
+enum Ran {
+    Ok,
+    Failed,
+    /// Failed because the database cannot write ([`health::unavailable`]): the reason.
+    Unavailable(String),
+}
+
+impl Ran {
+    fn failed(e: &rusqlite::Error) -> Ran {
+        if health::unavailable(e) {
+            crate::metrics::store_error(health::kind(e));
+            Ran::Unavailable(e.to_string())
+        } else {
+            Ran::Failed
+        }
+    }
+}
 
 /// A cloneable handle on the database.
 #[derive(Clone)]
@@ -105,6 +134,7 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     read_permits: tokio::sync::Semaphore,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    health: Arc<health::Health>,
 }
 
 impl std::fmt::Debug for Store {
@@ -159,9 +189,11 @@ impl Store {
 
         let (tx, rx) = mpsc::channel::<Job>();
         let answers = Answers::start();
+        let health = Arc::new(health::Health::default());
+        let writer_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, fold_every, answers))
+            .spawn(move || writer_loop(conn, rx, fold_every, answers, &writer_health))
             .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -170,12 +202,19 @@ impl Store {
                 readers: Mutex::new(Vec::new()),
                 read_permits: tokio::sync::Semaphore::new(READERS),
                 thread: Mutex::new(Some(thread)),
+                health,
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Why the store is degraded: the last write failed because the database cannot
+    /// write, and no commit succeeded since. `None` when it commits.
+    pub fn degraded(&self) -> Option<String> {
+        self.inner.health.degraded()
     }
 
     fn sender(&self) -> Option<mpsc::Sender<Job>> {
@@ -244,17 +283,24 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         let job = Job {
             guarded,
-            run: Box::new(move |conn| match f(conn) {
-                Ok(v) => (
-                    true,
+            run: Box::new(move |conn| match conn.map(f) {
+                Some(Ok(v)) => (
+                    Ran::Ok,
                     Box::new(move |committed: Result<(), StoreError>| {
                         let _ = tx.send(committed.map(|()| on_commit(v)));
                     }),
                 ),
-                Err(e) => (
-                    false,
+                Some(Err(e)) => (
+                    Ran::failed(&e),
                     Box::new(move |_| {
                         let _ = tx.send(Err(StoreError::Sqlite(e)));
+                    }),
+                ),
+                // Not run: the batch's failure is the answer.
+                None => (
+                    Ran::Failed,
+                    Box::new(move |committed: Result<(), StoreError>| {
+                        let _ = tx.send(Err(committed.err().unwrap_or(StoreError::WriterGone)));
                     }),
                 ),
             }),
@@ -275,13 +321,23 @@ impl Store {
         let job = Job {
             guarded: true,
             run: Box::new(move |conn| {
-                let r = f(conn);
-                let ok = r.is_ok();
+                let r = conn.map(f);
+                let ran = match &r {
+                    Some(Ok(())) => Ran::Ok,
+                    Some(Err(e)) => Ran::failed(e),
+                    None => Ran::Failed,
+                };
                 (
-                    ok,
+                    ran,
                     Box::new(move |committed: Result<(), StoreError>| {
-                        if let Err(e) = r.map_err(StoreError::from).and(committed) {
-                            tracing::error!("store: {what} failed: {e}");
+                        let r = r.unwrap_or(Ok(())).map_err(StoreError::from);
+                        match r.and(committed) {
+                            Ok(()) => {}
+                            // Said once per episode by the writer.
+                            Err(e) if e.is_unavailable() => {
+                                tracing::debug!("store: {what} failed: {e}");
+                            }
+                            Err(e) => tracing::error!("store: {what} failed: {e}"),
                         }
                     }),
                 )
@@ -444,6 +500,7 @@ fn writer_loop(
     rx: mpsc::Receiver<Job>,
     fold_every: Option<Duration>,
     answers: Answers,
+    health: &health::Health,
 ) {
     let mut batch: VecDeque<Job> = VecDeque::with_capacity(MAX_BATCH);
     let mut last_fold = Instant::now();
@@ -459,7 +516,7 @@ fn writer_loop(
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Idle: fold what the last jobs logged.
                     if since_fold > 0 {
-                        fold_logged(&mut conn, "folding the turn log");
+                        fold_logged(&mut conn, "folding the turn log", health);
                         since_fold = 0;
                         last_fold = Instant::now();
                     }
@@ -476,44 +533,82 @@ fn writer_loop(
         }
         let ran = batch.len();
         let mut done = Vec::with_capacity(ran);
+        let changes = conn.total_changes();
         let began = Instant::now();
         let result = run_batch(&mut conn, &mut batch, &mut done);
-        crate::metrics::store_commit(
-            began.elapsed(),
-            result.as_ref().map(|_| ()).map_err(error_kind),
-        );
-        since_fold += ran - batch.len();
-        let failed = result.err().map(|e| match e {
-            StoreError::Commit(m) => m,
-            e => e.to_string(),
-        });
-        if let Some(m) = &failed {
-            tracing::error!("store: commit of {} writes failed: {m}", done.len());
+        match &result {
+            Ok(_) => crate::metrics::store_commit(began.elapsed()),
+            Err(StoreError::Sqlite(e)) => crate::metrics::store_error(health::kind(e)),
+            // An unavailable job's failure was counted where it failed.
+            Err(_) => {}
         }
+        let failed = match result {
+            Ok(unavailable) => {
+                // Only what committed went to the turn log.
+                since_fold += ran - batch.len();
+                match unavailable {
+                    Some(reason) => health.failed(&reason),
+                    // Wrote something: the database can write again.
+                    None if conn.total_changes() > changes => health.committed(),
+                    None => {}
+                }
+                None
+            }
+            Err(e) => {
+                let f = Failure::from(e);
+                if f.unavailable {
+                    health.failed(&f.message);
+                } else {
+                    tracing::error!(
+                        "store: commit of {} writes failed: {}",
+                        done.len(),
+                        f.message
+                    );
+                }
+                Some(f)
+            }
+        };
         answers.send(done, failed);
-        if fold_every
-            .is_some_and(|every| since_fold >= FOLD_AFTER_JOBS || last_fold.elapsed() >= every)
-        {
-            fold_logged(&mut conn, "folding the turn log");
+        if fold_every.is_some_and(|every| {
+            since_fold >= FOLD_AFTER_JOBS || (since_fold > 0 && last_fold.elapsed() >= every)
+        }) {
+            fold_logged(&mut conn, "folding the turn log", health);
             since_fold = 0;
             last_fold = Instant::now();
         }
     }
-    fold_logged(&mut conn, "folding the turn log at close");
+    fold_logged(&mut conn, "folding the turn log at close", health);
 }
 
-/// A failed commit's kind, for metrics: `full`, `io`, `busy`, `readonly` or `other`.
-fn error_kind(e: &StoreError) -> &'static str {
-    use rusqlite::ffi::ErrorCode;
-    let StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) = e else {
-        return "other";
-    };
-    match f.code {
-        ErrorCode::DiskFull => "full",
-        ErrorCode::SystemIoFailure | ErrorCode::CannotOpen | ErrorCode::DatabaseCorrupt => "io",
-        ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => "busy",
-        ErrorCode::ReadOnly => "readonly",
-        _ => "other",
+/// Why a commit failed, for each of its callers.
+struct Failure {
+    message: String,
+    /// [`StoreError::is_unavailable`].
+    unavailable: bool,
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let unavailable = e.is_unavailable();
+        let message = match e {
+            StoreError::Commit(m) | StoreError::Unavailable(m) => m,
+            StoreError::Sqlite(e) if unavailable => e.to_string(),
+            e => e.to_string(),
+        };
+        Failure {
+            message,
+            unavailable,
+        }
+    }
+}
+
+impl Failure {
+    fn error(&self) -> StoreError {
+        if self.unavailable {
+            StoreError::Unavailable(self.message.clone())
+        } else {
+            StoreError::Commit(self.message.clone())
+        }
     }
 }
 
@@ -521,7 +616,7 @@ fn error_kind(e: &StoreError) -> &'static str {
 /// the store, when there is one: handing it a commit's callers wakes one runtime thread,
 /// where answering each from the writer would wake one per caller. From the writer when
 /// there is no runtime, or no longer one.
-struct Answers(Option<tokio::sync::mpsc::UnboundedSender<(Vec<Completion>, Option<String>)>>);
+struct Answers(Option<tokio::sync::mpsc::UnboundedSender<(Vec<Completion>, Option<Failure>)>>);
 
 impl Answers {
     fn start() -> Answers {
@@ -537,7 +632,7 @@ impl Answers {
         Answers(Some(tx))
     }
 
-    fn send(&self, done: Vec<Completion>, failed: Option<String>) {
+    fn send(&self, done: Vec<Completion>, failed: Option<Failure>) {
         match &self.0 {
             Some(tx) => {
                 if let Err(tokio::sync::mpsc::error::SendError((done, failed))) =
@@ -551,19 +646,24 @@ impl Answers {
     }
 }
 
-fn answer(done: Vec<Completion>, failed: Option<String>) {
+fn answer(done: Vec<Completion>, failed: Option<Failure>) {
     for d in done {
         d(match &failed {
             None => Ok(()),
-            Some(m) => Err(StoreError::Commit(m.clone())),
+            Some(f) => Err(f.error()),
         });
     }
 }
 
-/// [`fold_now`], logging a failure: the log stays as it was, for the next fold.
-fn fold_logged(conn: &mut Connection, what: &str) {
-    if let Err(e) = fold_now(conn) {
-        tracing::error!("store: {what} failed: {e}");
+/// [`fold_now`], logging a failure: the log stays as it was, for the next fold. A database
+/// that cannot write makes the store degraded; a fold that moved something ends that.
+fn fold_logged(conn: &mut Connection, what: &str, health: &health::Health) {
+    let changes = conn.total_changes();
+    match fold_now(conn) {
+        Ok(()) if conn.total_changes() > changes => health.committed(),
+        Ok(()) => {}
+        Err(e) if health::unavailable(&e) => health.failed(&e.to_string()),
+        Err(e) => tracing::error!("store: {what} failed: {e}"),
     }
 }
 
@@ -585,32 +685,35 @@ fn fold_now(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// Runs the jobs of `batch` in one transaction and commits it, pushing each job's
 /// completion to `done`. When an unguarded job fails, rolls the transaction back and
-/// leaves the jobs that had not run in `batch`, for the next one.
+/// leaves the jobs that had not run in `batch`, for the next one. `Ok(Some(reason))`: it
+/// committed, but a job failed because the database cannot write.
 fn run_batch(
     conn: &mut Connection,
     batch: &mut VecDeque<Job>,
     done: &mut Vec<Completion>,
-) -> Result<(), StoreError> {
+) -> Result<Option<String>, StoreError> {
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(t) => t,
         Err(e) => {
-            // Nothing ran: dropping the jobs tells each awaiting caller its write failed.
-            batch.clear();
+            // Nothing runs: each job is told the transaction's failure.
+            done.extend(batch.drain(..).map(|job| (job.run)(None).1));
             return Err(e.into());
         }
     };
+    let mut unavailable = None;
     while let Some(job) = batch.pop_front() {
         if !job.guarded {
-            let (ok, d) = (job.run)(&tx);
+            let (ran, d) = (job.run)(Some(&tx));
             done.push(d);
-            if !ok {
+            if !matches!(ran, Ran::Ok) {
                 // Its partial writes cannot be told from its neighbours': undo them all.
-                return Err(match tx.rollback() {
-                    Ok(()) => StoreError::Commit(
+                return Err(match (tx.rollback(), ran) {
+                    (Ok(()), Ran::Unavailable(reason)) => StoreError::Unavailable(reason),
+                    (Ok(()), _) => StoreError::Commit(
                         "another write of the same commit failed, and the commit was rolled back"
                             .into(),
                     ),
-                    Err(e) => StoreError::Sqlite(e),
+                    (Err(e), _) => StoreError::Sqlite(e),
                 });
             }
             continue;
@@ -618,9 +721,12 @@ fn run_batch(
         // Cached statements: `Transaction::savepoint` would parse its SQL for every job.
         match savepoint(&tx) {
             Ok(()) => {
-                let (ok, d) = (job.run)(&tx);
-                if let Err(e) = end_savepoint(&tx, ok) {
+                let (ran, d) = (job.run)(Some(&tx));
+                if let Err(e) = end_savepoint(&tx, matches!(ran, Ran::Ok)) {
                     tracing::error!("store: savepoint failed: {e}");
+                }
+                if let Ran::Unavailable(reason) = ran {
+                    unavailable = Some(reason);
                 }
                 done.push(d);
             }
@@ -630,7 +736,8 @@ fn run_batch(
             }
         }
     }
-    Ok(tx.commit()?)
+    tx.commit()?;
+    Ok(unavailable)
 }
 
 fn savepoint(tx: &Connection) -> rusqlite::Result<()> {

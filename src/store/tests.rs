@@ -632,3 +632,40 @@ async fn responses_are_pruned_oldest_first_up_to_the_cutoff() {
             .is_ok_and(|d| !d)
     );
 }
+
+/// A database locked by another process (past the busy timeout) fails each write with an
+/// "unavailable" error, whatever the kind of write; reads go on; the store is degraded
+/// until a commit that writes succeeds.
+#[tokio::test]
+async fn a_locked_database_degrades_the_store_until_a_commit_writes_again() {
+    let (dir, s) = open();
+    s.write(|c| c.execute_batch("CREATE TABLE scratch(x)"))
+        .await
+        .unwrap();
+    assert_eq!(s.degraded(), None);
+    let outside = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    outside.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+    let insert = |c: &Connection| c.execute("INSERT INTO scratch VALUES (1)", []);
+    let (guarded, unguarded) = tokio::join!(s.write(insert), s.write_unguarded(insert));
+    for e in [guarded.unwrap_err(), unguarded.unwrap_err()] {
+        assert!(e.is_unavailable(), "{e}");
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        assert!(e.to_string().contains("locked"), "{e}");
+    }
+    assert_eq!(s.degraded().as_deref(), Some("database is locked"));
+    let n: i64 = s
+        .read(|c| c.query_row("SELECT count(*) FROM scratch", [], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "nothing was stored");
+
+    outside.execute_batch("ROLLBACK").unwrap();
+    // A commit that writes nothing proves nothing.
+    s.write(|c| c.query_row("SELECT count(*) FROM scratch", [], |r| r.get::<_, i64>(0)))
+        .await
+        .unwrap();
+    assert!(s.degraded().is_some());
+    s.write(insert).await.unwrap();
+    assert_eq!(s.degraded(), None);
+}

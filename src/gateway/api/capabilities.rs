@@ -92,8 +92,13 @@ pub async fn health_detailed(State(s): State<Shared>) -> Response {
         .await
         .map(|_| ())
         .map_err(|e| e.to_string());
-    let store_ok = store.is_ok();
-    let mut store_part = part(store);
+    // Reads may work while commits fail: degraded until a commit succeeds again.
+    let degraded = s.sessions.store().degraded();
+    let store_ok = store.is_ok() && degraded.is_none();
+    let mut store_part = match (store, degraded) {
+        (Ok(()), Some(why)) => json!({"status": "degraded", "error": why}),
+        (r, _) => part(r),
+    };
     store_part["path"] = Value::from(s.sessions.store().path().display().to_string());
     let agent = s.sessions.agent_check().await;
     let agent_ok = agent.is_ok();

@@ -159,7 +159,7 @@ pub(super) fn turn_error(e: &TurnError) -> ApiError {
             },
             a.to_string(),
         ),
-        TurnError::Store(m) => ApiError::internal(format!("cannot store the turn: {m}")),
+        TurnError::Store(e) => ApiError::store(e),
     }
 }
 
@@ -435,9 +435,10 @@ async fn stream_chat(
     let last = match result {
         Ok(Ok(reply)) => c.finished(&reply),
         Ok(Err(e)) => {
-            let body = turn_error(&e).body();
+            let e = turn_error(&e);
+            let body = e.body();
             let error = body.get("error").cloned().unwrap_or(Value::Null);
-            c.failed(error, "agent_error", partial)
+            c.failed(error, e.code.unwrap_or("agent_error"), partial)
         }
         Err(_) => {
             let body = ApiError::internal("the turn was dropped").body();

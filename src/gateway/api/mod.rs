@@ -293,6 +293,11 @@ fn valid_session_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Every route's answer to a store error (see [`ApiError::store`]).
+fn store_error(e: crate::store::StoreError) -> Response {
+    ApiError::from(e).into_response()
+}
+
 fn busy(e: &super::sessions::Busy) -> Response {
     let mut r = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,

@@ -29,14 +29,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chat::{bad_request, json_response, session_header, turn_error};
 use super::{
-    SESSION_HEADER, SESSION_KEY_HEADER, Shared, busy, parse_json, read_body, sse, valid_session_id,
+    SESSION_HEADER, SESSION_KEY_HEADER, Shared, busy, parse_json, read_body, sse, store_error,
+    valid_session_id,
 };
 use crate::gateway::agents::Reply;
 use crate::gateway::error::ApiError;
 use crate::gateway::ids::new_id;
 use crate::gateway::sessions::{Piece, Record, Turn, TurnError, TurnKind};
 use crate::store::responses::{self, ResponseRow};
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, Store};
 
 #[derive(Deserialize)]
 struct CreateResponse {
@@ -166,11 +167,6 @@ impl Index {
         g.young.ends.remove(id);
         g.old.ends.remove(id);
     }
-}
-
-fn store_error(e: StoreError) -> Response {
-    tracing::error!("store: {e}");
-    ApiError::internal(format!("storage failed: {e}")).into_response()
 }
 
 fn err(e: ApiError) -> Response {
@@ -953,7 +949,8 @@ async fn stream_response(
             ev.push("response.completed", WithResponse { response: &done });
         }
         Ok(Err(e)) => {
-            let error = json!({"code": "agent_error", "message": turn_error(&e).message});
+            let e = turn_error(&e);
+            let error = json!({"code": e.code.unwrap_or("agent_error"), "message": e.message});
             let failed = f.view("failed", None, None, Some(&error));
             ev.push("response.failed", WithResponse { response: &failed });
         }

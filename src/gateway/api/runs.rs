@@ -12,7 +12,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Shared, busy, parse_json, read_body, sse, valid_session_id};
+use super::{Shared, busy, parse_json, read_body, sse, store_error, valid_session_id};
 use crate::gateway::error::ApiError;
 use crate::gateway::ids::new_id;
 use crate::store::runs::{self, RunRow, RunStatus};
@@ -42,11 +42,6 @@ enum Input {
 struct InputMessage {
     role: String,
     content: Value,
-}
-
-fn store_error(e: StoreError) -> Response {
-    tracing::error!("store: {e}");
-    ApiError::internal(format!("storage failed: {e}")).into_response()
 }
 
 fn bad_request(message: String) -> Response {

@@ -8,10 +8,10 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::Shared;
+use super::{Shared, store_error};
 use crate::gateway::error::ApiError;
 use crate::gateway::sessions::Deleted;
-use crate::store::{self, StoreError};
+use crate::store;
 
 #[derive(Deserialize)]
 pub struct Page {
@@ -29,11 +29,6 @@ fn page(q: Result<Query<Page>, QueryRejection>) -> Result<Page, ApiError> {
     })
 }
 
-fn store_error(e: StoreError) -> Response {
-    tracing::error!("store: {e}");
-    ApiError::internal(format!("storage failed: {e}")).into_response()
-}
-
 pub async fn list(State(s): State<Shared>, q: Result<Query<Page>, QueryRejection>) -> Response {
     let p = match page(q) {
         Ok(p) => p,
@@ -42,14 +37,19 @@ pub async fn list(State(s): State<Shared>, q: Result<Query<Page>, QueryRejection
     let (limit, offset) = (p.limit.unwrap_or(100).clamp(1, 1000), p.offset.unwrap_or(0));
     let store = s.sessions.store();
     // Sessions are listed from their folded rows, in updated order: fold the turn log first,
-    // so that every turn answered before this request is counted.
-    let listed = match store.write(store::sessions::fold).await {
-        Ok(_) => {
+    // so that every turn answered before this request is counted. A store that cannot
+    // write cannot fold: the list is read as it is (its counts may miss the last turns).
+    let folded = match store.degraded() {
+        Some(_) => Ok(0),
+        None => store.write(store::sessions::fold).await,
+    };
+    let listed = match folded {
+        Err(e) if !e.is_unavailable() => Err(e),
+        _ => {
             store
                 .read(move |c| store::sessions::list(c, limit, offset))
                 .await
         }
-        Err(e) => Err(e),
     };
     match listed {
         Err(e) => store_error(e),

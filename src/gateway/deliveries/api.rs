@@ -55,14 +55,8 @@ async fn list(
         ));
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let rows = l
-        .list(q.state, limit)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let counts = l
-        .counts()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let rows = l.list(q.state, limit).await.map_err(ApiError::from)?;
+    let counts = l.counts().await.map_err(ApiError::from)?;
     let counts: serde_json::Map<String, serde_json::Value> =
         counts.into_iter().map(|(k, v)| (k, v.into())).collect();
     Ok(Json(json!({"object": "list", "data": rows, "counts": counts})).into_response())
@@ -75,7 +69,7 @@ async fn retry(
     match l
         .retry(&id)
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(ApiError::from)?
     {
         RetryOutcome::NotFound => Err(ApiError::not_found("delivery", &id)),
         RetryOutcome::InProgress(state) => Err(ApiError::new(

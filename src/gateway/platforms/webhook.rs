@@ -14,11 +14,12 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use serde_json::{Value, json};
 
 use super::{Inbound, Instance, Platforms};
 use crate::gateway::body::{BodyError, read_limited};
+use crate::gateway::error::{STORE_RETRY_AFTER, STORE_UNAVAILABLE, retry_after};
 
 /// A request, as a platform's inbox sees it.
 pub struct Request<'a> {
@@ -111,7 +112,15 @@ pub fn router(platforms: Platforms) -> Router {
 }
 
 fn refuse(r: Refused, platform: &str, name: &str) -> Response {
-    if r.status.is_server_error() {
+    if r.code == STORE_UNAVAILABLE {
+        // Said once per episode by the store.
+        tracing::debug!(
+            platform,
+            status = r.status.as_u16(),
+            "{platform} `{name}` webhook refused: {}",
+            r.message
+        );
+    } else if r.status.is_server_error() {
         tracing::error!(
             platform,
             status = r.status.as_u16(),
@@ -132,8 +141,7 @@ fn refuse(r: Refused, platform: &str, name: &str) -> Response {
     )
         .into_response();
     if r.status == StatusCode::SERVICE_UNAVAILABLE {
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from(1));
+        retry_after(&mut resp, STORE_RETRY_AFTER);
     }
     resp
 }
@@ -232,14 +240,24 @@ async fn receive(
             inbox.instance().ok("webhook");
             answer(taken.reply)
         }
-        Err(e) => refuse(
-            Refused::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                format!("the messages could not be stored ({e}); the platform sends them again"),
-            ),
-            &platform,
-            &name,
-        ),
+        Err(e) => {
+            if !e.is_unavailable() {
+                tracing::error!(
+                    platform,
+                    "{platform} `{name}` webhook: the store failed: {e}"
+                );
+            }
+            refuse(
+                Refused::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    STORE_UNAVAILABLE,
+                    format!(
+                        "the messages could not be stored ({e}); the platform sends them again"
+                    ),
+                ),
+                &platform,
+                &name,
+            )
+        }
     }
 }

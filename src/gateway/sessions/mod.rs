@@ -58,8 +58,9 @@ pub enum Deleted {
 pub enum TurnError {
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// Shared: a turn's outcome is cloned.
     #[error("cannot store the turn: {0}")]
-    Store(String),
+    Store(Arc<StoreError>),
 }
 
 /// One turn to run.
@@ -607,7 +608,7 @@ impl Sessions {
                 let started = Instant::now();
                 let mut recent = match self.history(&session_id).await {
                     Ok(h) => h,
-                    Err(e) => return Some(Answer(done, Err(TurnError::Store(e.to_string())))),
+                    Err(e) => return Some(Answer(done, Err(TurnError::Store(e.into())))),
                 };
                 // A key given with the turn is kept (when it changed); else the kept one.
                 let kept_key = recent.as_ref().and_then(|r| r.key.clone());
@@ -689,7 +690,7 @@ impl Sessions {
                                 Ok(reply)
                             }
                             // Whether it is stored is not known: the store is asked next time.
-                            Err(e) => Err(TurnError::Store(e.to_string())),
+                            Err(e) => Err(TurnError::Store(e.into())),
                         }
                     }
                     (Ok(reply), None) => Ok(reply),
@@ -714,6 +715,12 @@ impl Sessions {
                         run_id = %run_id,
                         "turn done in {:.1}ms",
                         started.elapsed().as_secs_f64() * 1000.0
+                    ),
+                    // A store that cannot write is logged once per episode, by the store.
+                    Err(TurnError::Store(e)) if e.is_unavailable() => tracing::debug!(
+                        session_key = session_id.as_deref().unwrap_or(""),
+                        run_id = %run_id,
+                        "turn failed: {e}"
                     ),
                     Err(e) => tracing::warn!(
                         session_key = session_id.as_deref().unwrap_or(""),
@@ -770,7 +777,7 @@ impl Sessions {
         let mut ran = None;
         let messages: Vec<Arc<Value>> = messages.into_iter().map(Arc::new).collect();
         let outcome = match self.history(&session_id).await {
-            Err(e) => Some(Err(TurnError::Store(e.to_string()))),
+            Err(e) => Some(Err(TurnError::Store(e.into()))),
             Ok(history) => {
                 let input = turn_input(
                     &session_id,

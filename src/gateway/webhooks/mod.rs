@@ -22,6 +22,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::{Value, json};
 
 use super::deliveries::{Acceptance, DeliveryLedger, NewDelivery, Target};
+use super::error::{STORE_RETRY_AFTER, STORE_UNAVAILABLE, retry_after};
 use super::ids::new_id;
 use super::rate::TokenBucket;
 use crate::config::{RouteConfig, Secret, SignatureScheme, TargetConfig, Template, WebhookConfig};
@@ -154,8 +155,12 @@ pub fn router(state: Shared) -> Router {
 }
 
 /// A refusal: logged with the route and the sender's delivery id, answered in short JSON.
+/// (A store that cannot commit is logged once per episode by the store; each refusal only
+/// at debug level.)
 fn refuse(status: StatusCode, code: &str, message: String, route: &str, id: &str) -> Response {
-    if status.is_server_error() {
+    if code == STORE_UNAVAILABLE {
+        tracing::debug!(route = %route, delivery_id = %id, status = status.as_u16(), "webhook refused: {message}");
+    } else if status.is_server_error() {
         tracing::error!(route = %route, delivery_id = %id, status = status.as_u16(), "webhook refused: {message}");
     } else {
         tracing::warn!(route = %route, delivery_id = %id, status = status.as_u16(), "webhook refused: {message}");
@@ -360,13 +365,20 @@ async fn receive(
             )
                 .into_response()
         }
-        Err(e) => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            format!("the delivery could not be stored ({e}); retry later"),
-            &name,
-            &source_id,
-        ),
+        Err(e) => {
+            if !e.is_unavailable() {
+                tracing::error!(route = %name, delivery_id = %source_id, "webhook: the store failed: {e}");
+            }
+            let mut r = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                STORE_UNAVAILABLE,
+                format!("the delivery could not be stored ({e}); retry later"),
+                &name,
+                &source_id,
+            );
+            retry_after(&mut r, STORE_RETRY_AFTER);
+            r
+        }
     }
 }
 

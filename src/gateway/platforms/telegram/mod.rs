@@ -315,10 +315,18 @@ impl Telegram {
                             continue;
                         }
                         Err(e) => {
-                            tracing::error!(
-                                platform,
-                                "telegram `{name}`: cannot store {n} messages ({e}); they are fetched again"
-                            );
+                            // A store that cannot write: said once per episode by the store.
+                            if e.is_unavailable() {
+                                tracing::debug!(
+                                    platform,
+                                    "telegram `{name}`: cannot store {n} messages ({e}); they are fetched again"
+                                );
+                            } else {
+                                tracing::error!(
+                                    platform,
+                                    "telegram `{name}`: cannot store {n} messages ({e}); they are fetched again"
+                                );
+                            }
                             self.instance.failed(&format!("store: {e}"));
                             Duration::from_secs(1)
                         }
