@@ -57,6 +57,11 @@ fn start(dir: &Path) -> Gateway {
 }
 
 fn start_with(dir: &Path, env: &[(&str, &str)]) -> Gateway {
+    start_under(dir, env, &[])
+}
+
+/// The gateway, run by `wrapper` (e.g. valgrind) when it is not empty.
+fn start_under(dir: &Path, env: &[(&str, &str)], wrapper: &[&str]) -> Gateway {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -71,7 +76,15 @@ fn start_with(dir: &Path, env: &[(&str, &str)]) -> Gateway {
         ),
     )
     .expect("write config");
-    let child = Command::new(BIN)
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let child = cmd
         .args(["run", "--config"])
         .arg(&config)
         .env_remove("NOTIFY_SOCKET")
@@ -84,7 +97,7 @@ fn start_with(dir: &Path, env: &[(&str, &str)]) -> Gateway {
         .spawn()
         .expect("start the gateway");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let end = Instant::now() + Duration::from_secs(20);
+    let end = Instant::now() + Duration::from_secs(120);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < end, "the gateway did not start");
         std::thread::sleep(Duration::from_millis(20));
@@ -331,6 +344,107 @@ fn metrics_overhead(rounds: usize, secs: u64, conns: usize) {
     );
 }
 
+/// One request on a blocking keep-alive connection; the response read by its length.
+fn sequential(stream: &mut std::net::TcpStream, raw: &[u8]) {
+    use std::io::{Read, Write};
+    stream.write_all(raw).expect("send");
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).expect("read");
+        assert!(n > 0, "the gateway closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a content-length");
+        if buf.len() >= end + 4 + len {
+            return;
+        }
+    }
+}
+
+/// Instructions the gateway executed in all, counted by callgrind (`valgrind` must be
+/// installed): start, `n` requests of `load` on one keep-alive connection, stop.
+fn instructions(load: Load, n: usize, metrics: bool) -> u64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("callgrind.out");
+    let out_arg = format!("--callgrind-out-file={}", out.display());
+    let env: &[(&str, &str)] = if metrics {
+        &[]
+    } else {
+        &[("HERMES_GATEWAY_METRICS", "off")]
+    };
+    let gw = start_under(
+        dir.path(),
+        env,
+        &["valgrind", "--tool=callgrind", "--quiet", &out_arg],
+    );
+    let mut stream = std::net::TcpStream::connect(gw.addr).expect("connect");
+    for i in 0..n {
+        let raw = match load {
+            Load::Health => "GET /health HTTP/1.1\r\nHost: bench\r\n\r\n".to_owned(),
+            _ => {
+                let body = format!(
+                    r#"{{"model":"hermes-agent","messages":[{{"role":"user","content":"turn {i} of a benchmark conversation"}}]}}"#
+                );
+                format!(
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nX-Hermes-Session-Id: cg-{}\r\nContent-Length: {}\r\n\r\n{body}",
+                    i as u64 / TURNS_PER_SESSION,
+                    body.len()
+                )
+            }
+        };
+        sequential(&mut stream, raw.as_bytes());
+    }
+    drop(stream);
+    let mut gw = gw;
+    let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = gw.child.wait();
+    let text = std::fs::read_to_string(&out).expect("callgrind's output");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals: ")
+                .or_else(|| l.strip_prefix("summary: "))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("callgrind's totals")
+}
+
+/// Instructions per request with and without metrics, from runs of `small` and `large`
+/// requests (their difference cancels the start and the stop). Noise-free where the
+/// rates are not: a count of instructions does not depend on what else the machine runs.
+fn metrics_instructions(small: usize, large: usize) {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        println!("instructions per request: valgrind is not installed, not measured");
+        return;
+    }
+    for (name, load) in [
+        ("GET /health", Load::Health),
+        ("session turn", Load::SessionTurn),
+    ] {
+        let per = |metrics: bool| {
+            let (a, b) = (
+                instructions(load, small, metrics),
+                instructions(load, large, metrics),
+            );
+            b.saturating_sub(a) as f64 / (large - small) as f64
+        };
+        let (on, off) = (per(true), per(false));
+        println!(
+            "instructions per request (callgrind, {small} vs {large} requests on one connection): {name} with metrics {on:.0}, without {off:.0} | without / with {:.3} (target >= 0.97)",
+            off / on
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful.
     let secs = env_u64("BENCH_SECS", 5);
@@ -338,6 +452,7 @@ fn main() {
     let conns = env_u64("BENCH_CONNS", 64) as usize;
     if std::env::var("BENCH_ONLY").as_deref() == Ok("metrics") {
         metrics_overhead(rounds, secs, conns);
+        metrics_instructions(1000, 3000);
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -477,4 +592,5 @@ fn main() {
     );
     drop(gw);
     metrics_overhead(rounds, secs, conns);
+    metrics_instructions(1000, 3000);
 }

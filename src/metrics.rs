@@ -58,7 +58,11 @@ pub struct Metrics {
     sessions_busy: Gauge,
     runs_queued: Gauge,
     runs_finished: Family<L1, Counter>,
+    /// The series a turn touches, resolved once: a family's lookup hashes its labels under
+    /// a lock, about a thousand instructions a turn.
+    runs_done: [Counter; 3],
     turn_duration: Family<L1, Histogram>,
+    turn_by_backend: [(&'static str, std::sync::OnceLock<Histogram>); 3],
     agent_failures: Family<L1, Counter>,
     // deliveries
     deliveries: Family<L1, Gauge>,
@@ -249,9 +253,8 @@ impl Metrics {
         for result in ["ok", "failed"] {
             let _ = reloads.get_or_create(&[("result", result)]);
         }
-        for state in ["completed", "failed", "cancelled"] {
-            let _ = runs_finished.get_or_create(&[("state", state)]);
-        }
+        let runs_done = ["completed", "failed", "cancelled"]
+            .map(|state| runs_finished.get_or_create(&[("state", state)]).clone());
         for kind in ["upstream", "unreachable", "timeout", "failed"] {
             let _ = agent_failures.get_or_create(&[("kind", kind)]);
         }
@@ -272,7 +275,9 @@ impl Metrics {
             sessions_busy,
             runs_queued,
             runs_finished,
+            runs_done,
             turn_duration,
+            turn_by_backend: ["echo", "openai", "command"].map(|b| (b, Default::default())),
             agent_failures,
             deliveries,
             delivery_attempts,
@@ -410,11 +415,27 @@ pub fn run_finished(
     failure: Option<&'static str>,
 ) {
     let Some(m) = m() else { return };
-    m.runs_finished.get_or_create(&[("state", state)]).inc();
+    match state {
+        "completed" => m.runs_done[0].inc(),
+        "failed" => m.runs_done[1].inc(),
+        "cancelled" => m.runs_done[2].inc(),
+        other => m.runs_finished.get_or_create(&[("state", other)]).inc(),
+    };
     if let Some((backend, took)) = agent {
-        m.turn_duration
-            .get_or_create(&[("backend", backend)])
-            .observe(took.as_secs_f64());
+        let secs = took.as_secs_f64();
+        match m.turn_by_backend.iter().find(|(b, _)| *b == backend) {
+            Some((_, h)) => h
+                .get_or_init(|| {
+                    m.turn_duration
+                        .get_or_create(&[("backend", backend)])
+                        .clone()
+                })
+                .observe(secs),
+            None => m
+                .turn_duration
+                .get_or_create(&[("backend", backend)])
+                .observe(secs),
+        }
     }
     if let Some(kind) = failure {
         m.agent_failures.get_or_create(&[("kind", kind)]).inc();

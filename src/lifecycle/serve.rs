@@ -258,22 +258,14 @@ impl Connection {
         let tracker = self.tracker.clone();
         let cache = self.metrics.as_ref().map(|m| m.cache.clone());
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let scoped = cache.is_some();
-            let handled = handle(
+            handle(
                 req,
                 info.clone(),
                 router.clone(),
                 draining.clone(),
                 tracker.clone(),
                 cache.clone(),
-            );
-            async move {
-                if scoped {
-                    http_metrics::with_route(handled).await
-                } else {
-                    handled.await
-                }
-            }
+            )
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -420,7 +412,8 @@ async fn handle(
     req.extensions_mut().insert(info.clone());
     req.extensions_mut().insert(RequestId(id.clone()));
     tracker.count_request();
-    let mut resp = match router.oneshot(req.map(Body::new)).await {
+    let (resp, route) = http_metrics::Routed::new(router.oneshot(req.map(Body::new))).await;
+    let mut resp = match resp {
         Ok(r) => r,
         Err(never) => match never {},
     };
@@ -434,7 +427,7 @@ async fn handle(
     let status = resp.status().as_u16();
     let took = started.elapsed();
     if let Some(m) = metrics {
-        m.record(http_metrics::route(), status, took);
+        m.record(route, status, took);
     }
     let duration_ms = took.as_secs_f64() * 1000.0;
     let fields = resp.extensions().get::<LogFields>();
