@@ -5,6 +5,7 @@
 //! first chunk, `: keepalive`, usage, the finish chunk of a failed or cut turn).
 
 mod common;
+mod telegram_support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -102,6 +103,48 @@ fn capabilities_and_detailed_health_are_served_behind_the_key() {
     assert_eq!(v["listeners"][0]["name"], "api");
     assert_eq!(v["listeners"][0]["status"], "ok");
     assert_eq!(v["platforms"], json!({}));
+}
+
+#[test]
+fn detailed_health_reports_each_chat_platform_without_failing_on_one() {
+    let stub = telegram_support::Stub::start();
+    let closed = free_port();
+    let cfg = format!(
+        "{}[[platforms.telegram]]\nname = \"down\"\ntoken = \"{}\"\napi_base = \"http://127.0.0.1:{closed}\"\nallow_all = true\n",
+        telegram_support::telegram_config(&stub, "allow_all = true\npoll_timeout = \"1s\""),
+        telegram_support::TOKEN
+    );
+    let setup = Setup::new("127.0.0.1:0", &cfg);
+    let (_gw, addr, _n) = start_api(&setup);
+    let end = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let h = request(addr, "GET", "/health/detailed", &[], "").unwrap();
+        assert_eq!(
+            h.status, 200,
+            "a platform's trouble is not the gateway's: {}",
+            h.body
+        );
+        let v = h.json();
+        if v["platforms"]["telegram:main"]["status"] == "ok"
+            && v["platforms"]["telegram:main"]["last_ok_unix_ms"].is_i64()
+            && v["platforms"]["telegram:down"]["status"] == "error"
+        {
+            break v;
+        }
+        assert!(Instant::now() < end, "platforms never reported: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["status"], "ok", "{v}");
+    assert_eq!(v["platforms"]["telegram:main"]["backlog"], 0, "{v}");
+    assert_eq!(v["platforms"]["telegram:main"]["mode"], "polling", "{v}");
+    let why = v["platforms"]["telegram:down"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(!why.is_empty(), "the error says why: {v}");
+    assert!(
+        !v.to_string().contains(telegram_support::TOKEN),
+        "the bot token never appears: {v}"
+    );
 }
 
 #[test]

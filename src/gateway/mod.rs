@@ -179,6 +179,7 @@ impl Gateway {
         let api = api::ApiState::new(
             sessions.clone(),
             lifecycle.clone(),
+            platforms.clone(),
             &config.api,
             keys,
             &config.agent.model,

@@ -135,8 +135,10 @@ pub async fn health_detailed(State(s): State<Shared>) -> Response {
         "gateway_state": report.state,
         "store": store_part,
         "agent": agent_part,
-        // Chat platforms this gateway serves itself: none yet.
-        "platforms": {},
+        // Each chat platform, ok or why not. A platform's trouble (its API down, a token
+        // revoked) does not make the gateway unhealthy: the API and the other platforms
+        // serve on, and its messages wait in the ledger.
+        "platforms": s.platforms.health().await,
         "listeners": listeners,
         "sessions": s.sessions.summary(),
     });

@@ -39,6 +39,8 @@ pub struct ApiState {
     pub sessions: Sessions,
     pub shutdown: Shutdown,
     lifecycle: LifecycleHandle,
+    /// For `/health/detailed`: each chat platform's state.
+    platforms: crate::gateway::platforms::Platforms,
     /// Where recent stored responses ended (see `responses`).
     responses: responses::Index,
     live: RwLock<Live>,
@@ -60,6 +62,7 @@ impl ApiState {
     pub fn new(
         sessions: Sessions,
         lifecycle: LifecycleHandle,
+        platforms: crate::gateway::platforms::Platforms,
         api: &ApiConfig,
         keys: Vec<Secret>,
         model: &str,
@@ -68,6 +71,7 @@ impl ApiState {
             sessions,
             shutdown: lifecycle.shutdown(),
             lifecycle,
+            platforms,
             responses: responses::Index::default(),
             live: RwLock::new(Live {
                 keys: Arc::new(keys),

@@ -527,6 +527,39 @@ impl Platforms {
         out
     }
 
+    /// For `/health/detailed`: each instance (`telegram:main`) ok, or in error with its last
+    /// error, with its state and backlog.
+    pub async fn health(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        for i in &self.inner.instances {
+            let route = i.key.clone();
+            let backlog = self
+                .inner
+                .store
+                .read(move |c| rows::count_open(c, &route))
+                .await
+                .ok();
+            let h = i.health().clone();
+            let failing = match (h.last_ok_unix_ms, h.last_error_unix_ms) {
+                (Some(ok), Some(err)) => err > ok,
+                (None, Some(_)) => true,
+                _ => false,
+            } || h.state == "error";
+            let mut v = json!({
+                "status": if failing { "error" } else { "ok" },
+                "state": h.state,
+                "mode": i.mode,
+                "backlog": backlog,
+                "last_ok_unix_ms": h.last_ok_unix_ms,
+            });
+            if failing {
+                v["error"] = Value::from(h.last_error.unwrap_or_else(|| h.state.to_owned()));
+            }
+            out.insert(i.key.clone(), v);
+        }
+        Value::Object(out)
+    }
+
     /// For a scrape: each instance's backlog, whether its last request worked, and when one
     /// last did.
     pub async fn export_metrics(&self) {
