@@ -433,7 +433,7 @@ fn socket_with_an_unknown_name_is_closed_and_logged() {
     let notify = setup.notify();
     let mut gw = setup.spawn_activated(
         port,
-        "metrics",
+        "stats",
         &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
     );
     // Wake the activator (once it listens); the gateway closes the socket it does not know.
@@ -458,7 +458,7 @@ fn socket_with_an_unknown_name_is_closed_and_logged() {
         api["origin"], "bound",
         "the configured api address was bound instead"
     );
-    gw.wait_stderr("`metrics`", T);
+    gw.wait_stderr("`stats`", T);
     // The unknown socket is closed: nothing listens on its port any more.
     let deadline = Instant::now() + T;
     while std::net::TcpStream::connect(addr(port)).is_ok() {
