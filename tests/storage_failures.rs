@@ -447,6 +447,16 @@ fn a_database_locked_by_an_outside_process_is_503_until_the_lock_is_released() {
     assert_eq!(call(api, "GET", "/v1/sessions/l0", "").status, 404);
     assert!(store_errors(&setup.control, "busy") >= 1.0);
     assert_eq!(store_errors(&setup.control, "full"), 0.0);
+    // `hermes-gateway status` says so too.
+    let st = status_json(&setup.control);
+    assert_eq!(st["store"]["status"], "degraded", "{st}");
+    let out = Command::new(env!("CARGO_BIN_EXE_hermes-gateway"))
+        .args(["status", "--socket"])
+        .arg(&setup.control)
+        .output()
+        .expect("run status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("store: DEGRADED"), "{text}");
 
     // Reads go on beside the lock.
     assert_eq!(session_messages(api, "s1"), 2);
@@ -467,6 +477,7 @@ fn a_database_locked_by_an_outside_process_is_503_until_the_lock_is_released() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(session_messages(api, "s1"), 4);
     assert_eq!(health(api).0, 200);
+    assert_eq!(status_json(&setup.control)["store"]["status"], "ok");
 
     let log = gw.wait_stderr(RECOVERED, WAIT);
     assert_eq!(log.matches(DEGRADED).count(), 1, "{log}");

@@ -61,6 +61,12 @@ fn render(v: &serde_json::Value) -> String {
         s("connections"),
         s("requests"),
     );
+    if v["store"]["status"] == "degraded" {
+        out.push_str(&format!(
+            "  store: DEGRADED, writes are refused with 503 until a commit succeeds: {}\n",
+            v["store"]["error"].as_str().unwrap_or("?")
+        ));
+    }
     if let Some(ls) = v["listeners"].as_array() {
         out.push_str("  listeners:\n");
         for l in ls {

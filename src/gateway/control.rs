@@ -43,6 +43,11 @@ async fn status(State(c): State<Control>) -> Response {
     let mut v = serde_json::to_value(c.lifecycle.report()).unwrap_or_default();
     if let Some(m) = v.as_object_mut() {
         m.insert("platforms".into(), c.platforms.status().await.into());
+        let store = match c.platforms.store().degraded() {
+            None => json!({"status": "ok"}),
+            Some(why) => json!({"status": "degraded", "error": why}),
+        };
+        m.insert("store".into(), store);
         let next = c.schedules.next_due().map(|(name, at)| {
             json!({"name": name, "at_unix_ms": at, "at": super::schedules::slot_id(at)})
         });

@@ -291,7 +291,11 @@ impl Service for Gateway {
     }
 
     fn summary(&self) -> Option<String> {
-        let mut s = self.sessions.summary();
+        let mut s = match self.sessions.store().degraded() {
+            Some(_) => "STORE DEGRADED (writes refused), ".to_owned(),
+            None => String::new(),
+        };
+        s.push_str(&self.sessions.summary());
         if let Some(next) = self.schedules.next_due_text() {
             s.push_str(", next schedule ");
             s.push_str(&next);
