@@ -79,8 +79,9 @@ pub struct ChatDelivery<'a> {
     pub from_part: usize,
     /// Put [`RESENT_MARKER`] before the first part sent: it may have been shown already.
     pub resent: bool,
-    /// Called with the number of parts confirmed, after each one.
-    pub on_part: &'a (dyn Fn(usize) + Send + Sync),
+    /// Called after each request with the number of parts confirmed so far, and the
+    /// reply's number of parts.
+    pub on_part: &'a (dyn Fn(usize, usize) + Send + Sync),
 }
 
 pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<usize, SendError>> + Send + 'a>>;

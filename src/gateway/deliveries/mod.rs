@@ -600,10 +600,15 @@ impl DeliveryLedger {
         let from = progress.load(Ordering::Relaxed);
         let (store, id, seen) = (self.inner.store.clone(), row.id.clone(), progress.clone());
         let (platform, name) = (c.platform.clone(), c.name.clone());
-        let on_part = move |n: usize| {
-            crate::metrics::platform_messages(&platform, &name, "out", 1);
+        let on_part = move |n: usize, total: usize| {
             let n = n as i64;
-            seen.store(n, Ordering::Relaxed);
+            let before = seen.swap(n, Ordering::Relaxed);
+            crate::metrics::platform_messages(&platform, &name, "out", (n - before).max(0) as u64);
+            if n as usize >= total {
+                // The last part: `delivered`, written next, says more. A stop in between
+                // re-sends this request, marked, as it would had this write not committed.
+                return;
+            }
             let id = id.clone();
             store.write_detached("reply progress", move |c| {
                 rows::set_progress(c, &id, n, store::now_ms())
@@ -726,6 +731,40 @@ impl DeliveryLedger {
     /// The outcome of the delivery's turn: creates its run if the store has none yet, then
     /// waits for it to finish.
     async fn turn(&self, row: &DeliveryRow) -> Result<Value, String> {
+        // A run queued with its message (a chat's turn) is live: no need to ask the store.
+        let live = self.inner.sessions.runs().get(&row.run_id);
+        if live.is_none() {
+            self.stored_or_created(row).await?;
+        }
+        if let Some(live) = live.or_else(|| self.inner.sessions.runs().get(&row.run_id)) {
+            let mut rx = live.subscribe();
+            while live.phase() != Phase::Finished {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            // How it ended, as committed: what the read below would find.
+            if let Some(o) = live.outcome() {
+                return Ok(json!({
+                    "status": o.status.as_str(),
+                    "output": o.output,
+                    "error": o.error,
+                }));
+            }
+        }
+        // Finished runs are stored before they leave the live set.
+        let rid = row.run_id.clone();
+        match self.inner.store.read(move |c| runs::get(c, &rid)).await {
+            Ok(Some(r)) if r.status.is_finished() => Ok(outcome(&r)),
+            Ok(_) => Err(format!("run {} did not finish", row.run_id)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A delivery's run that is not live: finished already (its outcome is read with the
+    /// others below), resumed by the sessions at start, or never created (a webhook
+    /// delivery accepted before its run): created and queued now.
+    async fn stored_or_created(&self, row: &DeliveryRow) -> Result<(), String> {
         let rid = row.run_id.clone();
         let existing = self
             .inner
@@ -734,8 +773,7 @@ impl DeliveryLedger {
             .await
             .map_err(|e| e.to_string())?;
         match existing {
-            Some(r) if r.status.is_finished() => return Ok(outcome(&r)),
-            Some(_) => {} // resumed by the sessions at start
+            Some(_) => {} // finished, or resumed by the sessions at start
             None => {
                 let messages = vec![json!({"role": "user", "content": row.prompt})];
                 let run = RunRow {
@@ -760,21 +798,7 @@ impl DeliveryLedger {
                     .map_err(|e| e.to_string())?;
             }
         }
-        if let Some(live) = self.inner.sessions.runs().get(&row.run_id) {
-            let mut rx = live.subscribe();
-            while live.phase() != Phase::Finished {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        }
-        // Finished runs are stored before they leave the live set.
-        let rid = row.run_id.clone();
-        match self.inner.store.read(move |c| runs::get(c, &rid)).await {
-            Ok(Some(r)) if r.status.is_finished() => Ok(outcome(&r)),
-            Ok(_) => Err(format!("run {} did not finish", row.run_id)),
-            Err(e) => Err(e.to_string()),
-        }
+        Ok(())
     }
 }
 

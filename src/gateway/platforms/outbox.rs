@@ -75,7 +75,7 @@ impl<A: Adapter> ChatOutbox for Outbox<A> {
                 match sent {
                     Ok(_) => {
                         self.instance.ok(self.instance.mode);
-                        (d.on_part)(end);
+                        (d.on_part)(end, parts.len());
                     }
                     Err(e) => {
                         self.instance.failed(e.message());
@@ -179,7 +179,7 @@ mod tests {
         let o = outbox(5, Some(5));
         let (t, text) = (target(), reply());
         let confirmed = Mutex::new(Vec::new());
-        let on_part = |n: usize| confirmed.lock().unwrap().push(n);
+        let on_part = |n: usize, _total: usize| confirmed.lock().unwrap().push(n);
         let d = |from_part, resent| ChatDelivery {
             target: &t,
             delivery_id: "dlv_x",

@@ -21,6 +21,16 @@ struct State {
     phase: Phase,
     events: Vec<Arc<EventRow>>,
     cancel_requested: bool,
+    /// How it ended, once that is committed.
+    outcome: Option<Outcome>,
+}
+
+/// A finished run's end as the store holds it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: crate::store::runs::RunStatus,
+    pub output: Option<String>,
+    pub error: Option<String>,
 }
 
 /// One run's live state, shared by its worker and its subscribers.
@@ -42,6 +52,7 @@ impl LiveRun {
                 phase: Phase::Queued,
                 events: stored.into_iter().map(Arc::new).collect(),
                 cancel_requested: false,
+                outcome: None,
             }),
             count: watch::channel(n).0,
             cancel: Notify::new(),
@@ -103,9 +114,20 @@ impl LiveRun {
         })
     }
 
-    pub fn finish(&self) {
-        self.with(|s| s.phase = Phase::Finished);
+    /// Finished; `stored`: how, as committed (`None` when the commit failed: the store
+    /// must then be asked).
+    pub fn finish(&self, stored: Option<Outcome>) {
+        self.with(|s| {
+            s.phase = Phase::Finished;
+            s.outcome = stored;
+        });
         self.count.send_modify(|_| {});
+    }
+
+    /// How the run ended, when it finished and that is committed: what a reader of the
+    /// store would find, without the read.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.with(|s| s.outcome.clone())
     }
 
     /// Asks the run to stop; returns its phase at that moment.

@@ -872,7 +872,11 @@ impl Sessions {
             }
             Err(e) => Err(e),
         };
-        live.finish();
+        live.finish(committed.is_ok().then(|| live::Outcome {
+            status,
+            output: output.clone(),
+            error: error.clone(),
+        }));
         self.inner.runs.remove(&run_id);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         match committed {
@@ -965,7 +969,11 @@ impl Sessions {
                             runs::append_event(c, &rid, &ev, now)
                         })
                         .await?;
-                    live.finish();
+                    live.finish(Some(live::Outcome {
+                        status: RunStatus::Cancelled,
+                        output: None,
+                        error: None,
+                    }));
                     self.inner.runs.remove(id);
                     tracing::info!(run_id = %id, "run cancelled before it started");
                     return Ok(Some(RunStatus::Cancelled));
