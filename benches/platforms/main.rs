@@ -8,7 +8,9 @@
 //! answers run in the background meanwhile, as in production.
 //!
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3), BENCH_CONNS
-//! (default 64), BENCH_PLATFORMS (a comma list, default all).
+//! (default 64), BENCH_PLATFORMS (a comma list, default all). `BENCH_INSTRUCTIONS=1` counts
+//! instead the gateway's instructions per message under callgrind (valgrind), which the
+//! machine's load does not change, optionally beside `BENCH_BASELINE=/path/to/hermes-gateway`.
 //!
 //! A platform is a module giving its configuration section and its signed requests
 //! ([`run::Platform`]); `run` does the rest.

@@ -53,6 +53,11 @@ fn free_port() -> u16 {
 }
 
 fn start(dir: &Path, sections: &str) -> Gateway {
+    start_under(dir, sections, BIN, &[])
+}
+
+/// The gateway `bin`, run by `wrapper` (valgrind) when it is not empty.
+fn start_under(dir: &Path, sections: &str, bin: &str, wrapper: &[&str]) -> Gateway {
     let (api, hook) = (free_port(), free_port());
     let config = dir.join("gateway.toml");
     std::fs::write(
@@ -64,7 +69,15 @@ fn start(dir: &Path, sections: &str) -> Gateway {
         ),
     )
     .expect("write config");
-    let child = Command::new(BIN)
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = cmd
         .args(["run", "--config"])
         .arg(&config)
         .env_remove("NOTIFY_SOCKET")
@@ -77,7 +90,7 @@ fn start(dir: &Path, sections: &str) -> Gateway {
         .expect("start the gateway");
     let api = SocketAddr::from(([127, 0, 0, 1], api));
     let hook = SocketAddr::from(([127, 0, 0, 1], hook));
-    let end = Instant::now() + Duration::from_secs(20);
+    let end = Instant::now() + Duration::from_secs(120);
     while std::net::TcpStream::connect(hook).is_err() {
         assert!(Instant::now() < end, "the gateway did not start");
         std::thread::sleep(Duration::from_millis(20));
@@ -122,6 +135,67 @@ fn open_deliveries(db: &Path) -> i64 {
         .unwrap_or(-1)
 }
 
+/// Instructions the gateway `bin` executed in all, counted by callgrind: start, `secs` of
+/// messages of `p` on one keep-alive connection, every reply sent, stop. Returns them with
+/// the number of messages.
+fn instructions(p: &Platform, bin: &str, base: &str, secs: u64) -> (u64, u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("callgrind.out");
+    let out_arg = format!("--callgrind-out-file={}", out.display());
+    let gw = start_under(
+        dir.path(),
+        &(p.config)(base),
+        bin,
+        &["valgrind", "--tool=callgrind", "--quiet", &out_arg],
+    );
+    let request = p.request;
+    let load = drive(gw.hook, 1, secs, Arc::new(move |conn, n, _| request(conn, n)));
+    assert_eq!(load.errors, 0, "{}: failed requests under callgrind", p.name);
+    let db = dir.path().join("state/gateway.db");
+    let t = Instant::now();
+    while open_deliveries(&db) != 0 && t.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut gw = gw;
+    let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = gw.child.wait();
+    let text = std::fs::read_to_string(&out).expect("callgrind's output");
+    let total = text
+        .lines()
+        .find_map(|l| l.strip_prefix("totals: ").or_else(|| l.strip_prefix("summary: ")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("callgrind's totals");
+    (total, load.latencies_us.len() as u64)
+}
+
+/// `BENCH_INSTRUCTIONS=1`: instructions per message (its commit, its turn and its reply),
+/// from a short and a long run under callgrind (the difference cancels start and stop);
+/// with `BENCH_BASELINE=/path/to/an/older/hermes-gateway`, that binary's beside.
+fn instructions_per_message(platforms: &[&Platform], base: &str) {
+    let baseline = std::env::var("BENCH_BASELINE").ok();
+    for p in platforms {
+        let per = |bin: &str| {
+            let (a, na) = instructions(p, bin, base, 10);
+            let (b, nb) = instructions(p, bin, base, 30);
+            (b.saturating_sub(a) as f64 / nb.saturating_sub(na).max(1) as f64, nb - na)
+        };
+        let (this, n) = per(BIN);
+        let mut line = format!(
+            "instructions per message (callgrind, {n} messages between a 10 s and a 30 s run): {} {this:.0}",
+            p.name
+        );
+        if let Some(old) = &baseline {
+            let (before, _) = per(old);
+            line.push_str(&format!(
+                " | baseline {before:.0} | this / baseline {:.3}",
+                this / before.max(1.0)
+            ));
+        }
+        println!("{line}");
+    }
+}
+
 pub fn main(all: &[Platform]) {
     let secs = env_u64("BENCH_SECS", 5);
     let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
@@ -144,6 +218,10 @@ pub fn main(all: &[Platform]) {
         )
     }));
     let base = format!("http://{sink}");
+    if std::env::var("BENCH_INSTRUCTIONS").is_ok() {
+        instructions_per_message(&platforms, &base);
+        return;
+    }
     let sections: String = platforms.iter().map(|p| (p.config)(&base)).collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = start(dir.path(), &sections);
