@@ -149,8 +149,17 @@ fn instructions(p: &Platform, bin: &str, base: &str, secs: u64) -> (u64, u64) {
         &["valgrind", "--tool=callgrind", "--quiet", &out_arg],
     );
     let request = p.request;
-    let load = drive(gw.hook, 1, secs, Arc::new(move |conn, n, _| request(conn, n)));
-    assert_eq!(load.errors, 0, "{}: failed requests under callgrind", p.name);
+    let load = drive(
+        gw.hook,
+        1,
+        secs,
+        Arc::new(move |conn, n, _| request(conn, n)),
+    );
+    assert_eq!(
+        load.errors, 0,
+        "{}: failed requests under callgrind",
+        p.name
+    );
     let db = dir.path().join("state/gateway.db");
     let t = Instant::now();
     while open_deliveries(&db) != 0 && t.elapsed() < Duration::from_secs(300) {
@@ -163,7 +172,10 @@ fn instructions(p: &Platform, bin: &str, base: &str, secs: u64) -> (u64, u64) {
     let text = std::fs::read_to_string(&out).expect("callgrind's output");
     let total = text
         .lines()
-        .find_map(|l| l.strip_prefix("totals: ").or_else(|| l.strip_prefix("summary: ")))
+        .find_map(|l| {
+            l.strip_prefix("totals: ")
+                .or_else(|| l.strip_prefix("summary: "))
+        })
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("callgrind's totals");
     (total, load.latencies_us.len() as u64)
@@ -178,7 +190,10 @@ fn instructions_per_message(platforms: &[&Platform], base: &str) {
         let per = |bin: &str| {
             let (a, na) = instructions(p, bin, base, 10);
             let (b, nb) = instructions(p, bin, base, 30);
-            (b.saturating_sub(a) as f64 / nb.saturating_sub(na).max(1) as f64, nb - na)
+            (
+                b.saturating_sub(a) as f64 / nb.saturating_sub(na).max(1) as f64,
+                nb - na,
+            )
         };
         let (this, n) = per(BIN);
         let mut line = format!(

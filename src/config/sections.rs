@@ -301,6 +301,7 @@ pub(super) struct FileApi {
     body_timeout: Option<HumanDuration>,
     keepalive: Option<HumanDuration>,
     response_retention: Option<HumanDuration>,
+    run_retention: Option<HumanDuration>,
 }
 
 /// `[api]`: who may call the API and how much a request may carry.
@@ -317,12 +318,16 @@ pub struct ApiConfig {
     pub keepalive: Duration,
     /// How long stored responses (`/v1/responses`) are kept.
     pub response_retention: Duration,
+    /// How long finished runs of `/v1/runs` (and their events) are kept; a delivery's run
+    /// goes with its delivery (`[webhook] retention`).
+    pub run_retention: Duration,
 }
 
 pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
 pub const DEFAULT_RESPONSE_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const DEFAULT_RUN_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ApiConfig {
     /// Whether any key is configured (its source may still fail to read).
@@ -340,6 +345,7 @@ impl Default for ApiConfig {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             keepalive: DEFAULT_KEEPALIVE,
             response_retention: DEFAULT_RESPONSE_RETENTION,
+            run_retention: DEFAULT_RUN_RETENTION,
         }
     }
 }
@@ -355,6 +361,10 @@ pub(super) fn api(f: FileApi) -> Result<ApiConfig, (&'static str, String)> {
     if response_retention < Duration::from_secs(1) {
         return Err(("api.response_retention", "must be at least 1s".into()));
     }
+    let run_retention = f.run_retention.map_or(DEFAULT_RUN_RETENTION, |d| d.0);
+    if run_retention < Duration::from_secs(1) {
+        return Err(("api.run_retention", "must be at least 1s".into()));
+    }
     let mut key_sources = Vec::new();
     if let Some(p) = f.keys_file {
         key_sources.push(KeySource::File(p));
@@ -369,6 +379,7 @@ pub(super) fn api(f: FileApi) -> Result<ApiConfig, (&'static str, String)> {
         body_timeout: f.body_timeout.map_or(DEFAULT_BODY_TIMEOUT, |d| d.0),
         keepalive,
         response_retention,
+        run_retention,
     })
 }
 

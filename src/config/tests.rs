@@ -821,4 +821,12 @@ fn api_keepalive_and_response_retention_are_read_and_checked() {
     assert!(e.to_string().contains("api.keepalive"), "{e}");
     let e = parse("[api]\nresponse_retention = \"0s\"\n").expect_err("a zero retention");
     assert!(e.to_string().contains("api.response_retention"), "{e}");
+    let c = parse("[api]\nrun_retention = \"2m\"\n").expect("valid");
+    assert_eq!(c.api.run_retention, Duration::from_secs(120));
+    assert_eq!(
+        parse("").expect("defaults").api.run_retention,
+        Duration::from_secs(7 * 24 * 3600)
+    );
+    let e = parse("[api]\nrun_retention = \"0s\"\n").expect_err("a zero retention");
+    assert!(e.to_string().contains("api.run_retention"), "{e}");
 }

@@ -185,6 +185,7 @@ impl Gateway {
             &config.agent.model,
         );
         api::responses::spawn_pruner(api.clone());
+        api::runs::spawn_pruner(api.clone());
         Ok(Gateway {
             lifecycle,
             api,

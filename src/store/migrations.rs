@@ -180,6 +180,12 @@ const MIGRATIONS: &[&str] = &[
         created_at            INTEGER NOT NULL
     );
     "#,
+    // 9: the pruning of finished `/v1/runs` runs past `[api] run_retention`: finished runs
+    // by age, and which runs belong to a delivery (those go with their delivery).
+    r#"
+    CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX deliveries_run ON deliveries (run_id);
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -195,3 +195,17 @@ pub fn events(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<EventRow>
     })?
     .collect()
 }
+
+/// Deletes up to `limit` finished runs that ended before `cutoff` and belong to no delivery
+/// (a delivery's run is pruned with it), their events first. Returns how many runs went.
+pub fn prune_finished(conn: &Connection, cutoff: i64, limit: i64) -> rusqlite::Result<usize> {
+    const OLD: &str = "SELECT id FROM runs
+         WHERE finished_at < ?1
+           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.run_id = runs.id)
+         ORDER BY finished_at LIMIT ?2";
+    // The events explicitly: a delete does not depend on the `foreign_keys` setting.
+    conn.prepare_cached(&format!("DELETE FROM run_events WHERE run_id IN ({OLD})"))?
+        .execute(params![cutoff, limit])?;
+    conn.prepare_cached(&format!("DELETE FROM runs WHERE id IN ({OLD})"))?
+        .execute(params![cutoff, limit])
+}

@@ -593,6 +593,77 @@ async fn pruning_removes_ended_deliveries_older_than_the_cutoff_with_their_runs(
 }
 
 #[tokio::test]
+async fn finished_api_runs_are_pruned_past_the_cutoff_and_a_deliverys_run_is_not() {
+    let (_d, s) = open();
+    s.write(|c| {
+        let run = |id: &str, status: runs::RunStatus, finished: Option<i64>| {
+            runs::insert(
+                c,
+                &runs::RunRow {
+                    id: id.into(),
+                    session_id: None,
+                    status,
+                    model: "m".into(),
+                    input: "[]".into(),
+                    output: None,
+                    error: None,
+                    idempotency_key: None,
+                    request: None,
+                    attempt: 1,
+                    created_at: 500,
+                    started_at: Some(500),
+                    finished_at: finished,
+                },
+            )?;
+            let ev = runs::EventRow {
+                seq: 1,
+                kind: "run.started".into(),
+                data: "{}".into(),
+            };
+            runs::append_event(c, id, &ev, 500)
+        };
+        run("old-completed", runs::RunStatus::Completed, Some(1_000))?;
+        run("old-failed", runs::RunStatus::Failed, Some(2_000))?;
+        run("old-cancelled", runs::RunStatus::Cancelled, Some(3_000))?;
+        run("still-running", runs::RunStatus::Running, None)?;
+        run("new-completed", runs::RunStatus::Completed, Some(9_000))?;
+        // A delivery's run, old and finished: it goes with its delivery, not here.
+        delivery_with_run(c, "kept", "pending", 1_000);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let first = s
+        .write(|c| runs::prune_finished(c, 5_000, 2))
+        .await
+        .unwrap();
+    let second = s
+        .write(|c| runs::prune_finished(c, 5_000, 2))
+        .await
+        .unwrap();
+    let third = s
+        .write(|c| runs::prune_finished(c, 5_000, 2))
+        .await
+        .unwrap();
+    assert_eq!((first, second, third), (2, 1, 0));
+    let left = |sql: &'static str| {
+        s.read(move |c| {
+            let mut st = c.prepare(sql)?;
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+    };
+    let kept = ["new-completed", "run_kept", "still-running"];
+    assert_eq!(left("SELECT id FROM runs ORDER BY id").await.unwrap(), kept);
+    assert_eq!(
+        left("SELECT DISTINCT run_id FROM run_events ORDER BY run_id")
+            .await
+            .unwrap(),
+        kept
+    );
+}
+
+#[tokio::test]
 async fn responses_are_pruned_oldest_first_up_to_the_cutoff() {
     use super::responses::{self, ResponseRow};
     let dir = tempfile::tempdir().unwrap();

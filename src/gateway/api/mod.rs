@@ -4,7 +4,7 @@
 mod capabilities;
 mod chat;
 pub mod responses;
-mod runs;
+pub mod runs;
 mod sessions;
 pub mod sse;
 
@@ -53,6 +53,7 @@ struct Live {
     body_timeout: Duration,
     keepalive: Duration,
     response_retention: Duration,
+    run_retention: Duration,
     model: String,
 }
 
@@ -79,6 +80,7 @@ impl ApiState {
                 body_timeout: api.body_timeout,
                 keepalive: api.keepalive,
                 response_retention: api.response_retention,
+                run_retention: api.run_retention,
                 model: model.to_owned(),
             }),
         })
@@ -91,6 +93,7 @@ impl ApiState {
         l.body_timeout = api.body_timeout;
         l.keepalive = api.keepalive;
         l.response_retention = api.response_retention;
+        l.run_retention = api.run_retention;
         l.model = model.to_owned();
     }
 
@@ -108,6 +111,10 @@ impl ApiState {
 
     pub fn response_retention(&self) -> Duration {
         self.live(|l| l.response_retention)
+    }
+
+    pub fn run_retention(&self) -> Duration {
+        self.live(|l| l.run_retention)
     }
 }
 

@@ -309,3 +309,40 @@ pub async fn events(
     }
     response
 }
+
+/// Prunes finished `/v1/runs` runs past `[api] run_retention` (read anew each pass: a
+/// reload applies), at start and then hourly (or each retention, when shorter), 500 a
+/// commit so that a large backlog does not hold the writer.
+pub fn spawn_pruner(s: Shared) {
+    tokio::spawn(async move {
+        loop {
+            let retention = s.run_retention();
+            let cutoff = crate::store::now_ms()
+                - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+            let mut pruned = 0;
+            loop {
+                let r = s
+                    .sessions
+                    .store()
+                    .write(move |c| crate::store::runs::prune_finished(c, cutoff, 500))
+                    .await;
+                match r {
+                    Ok(n) => {
+                        pruned += n;
+                        if n < 500 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("store: pruning finished runs failed: {e}");
+                        break;
+                    }
+                }
+            }
+            if pruned > 0 {
+                tracing::info!("{pruned} finished runs older than {retention:?} pruned");
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(3600).min(retention)).await;
+        }
+    });
+}
