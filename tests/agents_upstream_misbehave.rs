@@ -5,8 +5,9 @@
 //!
 //! Each test starts a small upstream on a raw `TcpListener` doing one wrong thing:
 //! malformed SSE (garbage lines, a `data:` that is not JSON, an endless line, a stream cut
-//! before `[DONE]`), a stream that never ends (keepalive comments, or deltas), an answer
-//! that never ends, a 10 MB error body, redirects, and an answer that is not HTTP at all.
+//! before `[DONE]`, a `finish_reason: "error"`), a stream that never ends (keepalive
+//! comments, or deltas), an answer that never ends, a 10 MB error body, redirects, and an
+//! answer that is not HTTP at all.
 
 mod common;
 
@@ -291,6 +292,30 @@ fn a_stream_cut_before_done_is_a_502() {
     assert_eq!(text, "half a rep");
     assert!(partial);
 
+    stub.all_closed();
+    before.settled(&setup, &gw);
+}
+
+#[test]
+fn a_reply_that_finishes_with_error_is_a_502() {
+    // As an upstream hermes API server ends a turn whose agent crashed mid-stream.
+    fn behave(w: &mut TcpStream, _: SocketAddr, _: bool) {
+        let end = json!({"object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}]});
+        let _ = write!(
+            w,
+            "{SSE_HEAD}{}data: {end}\n\ndata: [DONE]\n\n",
+            delta("so far")
+        );
+    }
+    let stub = Stub::start(behave);
+    let (setup, gw, addr) = gateway(&stub);
+    let before = Before::take(&setup, &gw);
+    let r = chat(addr, false);
+    assert_error(&r, 502, "upstream_error", "finish_reason \"error\"");
+    let r = chat(addr, true);
+    let (text, partial) = assert_stream_error(&r, "upstream_error", "finish_reason");
+    assert_eq!((text.as_str(), partial), ("so far", true));
     stub.all_closed();
     before.settled(&setup, &gw);
 }

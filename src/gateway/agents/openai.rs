@@ -14,8 +14,9 @@
 //! connection is dropped with the turn): the whole turn is bounded by `[agent] timeout`
 //! (504), what it streams by `[agent] max_reply`, a line or an answer by a multiple of it;
 //! a malformed stream (a `data:` that is not JSON, an endless line, an end before
-//! `[DONE]` or a `finish_reason`) is a 502; an error body is read up to 16 KiB and its
-//! message cut; a redirect is not followed (502 naming its `Location`).
+//! `[DONE]` or a `finish_reason`) is a 502, and so is a reply that finishes with
+//! `finish_reason: "error"`; an error body is read up to 16 KiB and its message cut; a
+//! redirect is not followed (502 naming its `Location`).
 
 use std::time::Duration;
 
@@ -191,6 +192,8 @@ struct Collect<'a> {
     streamed: u64,
     max: u64,
     over: bool,
+    /// `finish_reason: "error"`: the upstream says its reply failed.
+    failed: bool,
 }
 
 impl Collect<'_> {
@@ -216,7 +219,10 @@ impl Collect<'_> {
             Item::Reasoning(t) => (self.on_delta)(Delta::Reasoning(t)),
             Item::Event { name, data } => (self.on_delta)(Delta::Event { name, data }),
             Item::Usage(u) => self.reply.usage = Some(u),
-            Item::Finish(f) => self.reply.truncated |= f == "length",
+            Item::Finish(f) => {
+                self.reply.truncated |= f == "length";
+                self.failed |= f == "error";
+            }
             Item::Done => {}
         }
     }
@@ -292,11 +298,22 @@ impl OpenAi {
             streamed: 0,
             max: self.max_reply,
             over: false,
+            failed: false,
         };
         if sse {
             self.read_stream(&mut body, limit, &mut out).await?;
         } else {
             self.read_json(&mut body, limit, &mut out).await?;
+        }
+        if out.failed {
+            // As an upstream hermes API server ends a turn whose agent crashed: not a
+            // reply to store.
+            return Err(AgentError::Upstream {
+                status: 502,
+                message:
+                    "the reply ended with finish_reason \"error\" (the upstream's agent failed)"
+                        .into(),
+            });
         }
         Ok(out.reply)
     }
