@@ -3,12 +3,13 @@
 //! progress), returning the whole reply at the end.
 //!
 //! - `echo` (the default): the last user message's text.
-//! - `openai`: any OpenAI-compatible chat-completions server.
+//! - `openai`: any OpenAI-compatible chat-completions server (its stream read by `sse`).
 //! - `command`: a program per turn, the turn as JSON on stdin, the reply from stdout.
 
 mod command;
 mod echo;
 mod openai;
+pub mod sse;
 
 use std::future::Future;
 use std::pin::Pin;

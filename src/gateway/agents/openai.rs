@@ -9,6 +9,14 @@
 //! of the history instead of the one this gateway sends. From a streaming upstream,
 //! `delta.reasoning_content` and named events (`event: hermes.tool.progress`) are handed
 //! on as they come; `usage` and `finish_reason: "length"` are kept for the reply.
+//!
+//! A misbehaving upstream ends the turn with a clear error and nothing left behind (its
+//! connection is dropped with the turn): the whole turn is bounded by `[agent] timeout`
+//! (504), what it streams by `[agent] max_reply`, a line or an answer by a multiple of it;
+//! a malformed stream (a `data:` that is not JSON, an endless line, an end before
+//! `[DONE]` or a `finish_reason`) is a 502, and so is a reply that finishes with
+//! `finish_reason: "error"`; an error body is read up to 16 KiB and its message cut; a
+//! redirect is not followed (502 naming its `Location`).
 
 use std::time::Duration;
 
@@ -16,11 +24,16 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use serde_json::{Value, json};
 
-use super::{Agent, AgentError, AgentFuture, Delta, DeltaSink, Reply, TurnInput, Usage};
+use super::sse::{Item, SseParser, StreamError, excerpt, usage};
+use super::{Agent, AgentError, AgentFuture, Delta, DeltaSink, Reply, TurnInput};
 use crate::config::{AgentConfig, OpenAiConfig, Secret};
 
 /// Upstream error bodies are read up to this size for their message.
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
+/// The longest error message of an upstream passed on, in characters.
+const ERROR_MESSAGE_CHARS: usize = 500;
+/// What an answer may hold beside its reply: the JSON around it, usage, ids.
+const ENVELOPE: u64 = 64 * 1024;
 
 pub struct OpenAi {
     client: crate::gateway::http_client::Client,
@@ -30,6 +43,10 @@ pub struct OpenAi {
     key: Option<Secret>,
     idle_timeout: Duration,
     retries: u32,
+    /// `[agent] timeout`: the whole turn.
+    timeout: Duration,
+    /// `[agent] max_reply`: the text, reasoning and events one turn streams.
+    max_reply: u64,
 }
 
 impl OpenAi {
@@ -51,6 +68,8 @@ impl OpenAi {
             key,
             idle_timeout: c.idle_timeout,
             retries: c.retries,
+            timeout: agent.timeout,
+            max_reply: agent.max_reply,
         })
     }
 
@@ -139,149 +158,289 @@ impl OpenAi {
     }
 }
 
-/// `error.message` of an OpenAI error body, or the start of the body.
-fn error_message(body: &[u8]) -> String {
+/// `error.message` of an OpenAI error body, or the start of the body; cut at
+/// [`ERROR_MESSAGE_CHARS`], and said to go on when the body was not read whole.
+fn error_message(body: &[u8], cut: bool) -> String {
     if let Ok(v) = serde_json::from_slice::<Value>(body)
         && let Some(m) = v.pointer("/error/message").and_then(Value::as_str)
     {
-        return m.to_owned();
+        return excerpt(m, ERROR_MESSAGE_CHARS);
     }
     let text = String::from_utf8_lossy(body);
     let t = text.trim();
     if t.is_empty() {
-        "(no body)".into()
-    } else {
-        t.chars().take(300).collect()
+        return "(no body)".into();
+    }
+    let mut m = excerpt(t, ERROR_MESSAGE_CHARS);
+    if cut {
+        if !m.ends_with('…') {
+            m.push('…');
+        }
+        m.push_str(&format!(
+            " (a body of more than {} KiB, cut)",
+            ERROR_BODY_LIMIT / 1024
+        ));
+    }
+    m
+}
+
+/// What a stream hands on: to the turn's sink, and into the reply, within `max_reply`.
+struct Collect<'a> {
+    on_delta: DeltaSink<'a>,
+    reply: Reply,
+    /// Bytes of text, reasoning and events handed on so far.
+    streamed: u64,
+    max: u64,
+    over: bool,
+    /// `finish_reason: "error"`: the upstream says its reply failed.
+    failed: bool,
+}
+
+impl Collect<'_> {
+    fn take(&mut self, item: Item<'_>) {
+        if self.over {
+            return;
+        }
+        let len = match item {
+            Item::Text(t) | Item::Reasoning(t) => t.len(),
+            Item::Event { data, .. } => data.len(),
+            _ => 0,
+        };
+        self.streamed = self.streamed.saturating_add(len as u64);
+        if self.streamed > self.max {
+            self.over = true;
+            return;
+        }
+        match item {
+            Item::Text(t) => {
+                (self.on_delta)(Delta::Text(t));
+                self.reply.text.push_str(t);
+            }
+            Item::Reasoning(t) => (self.on_delta)(Delta::Reasoning(t)),
+            Item::Event { name, data } => (self.on_delta)(Delta::Event { name, data }),
+            Item::Usage(u) => self.reply.usage = Some(u),
+            Item::Finish(f) => {
+                self.reply.truncated |= f == "length";
+                self.failed |= f == "error";
+            }
+            Item::Done => {}
+        }
+    }
+}
+
+fn over_max_reply(max: u64) -> AgentError {
+    AgentError::Failed(format!(
+        "the upstream's reply went over {max} bytes ([agent] max_reply); its connection was closed"
+    ))
+}
+
+impl OpenAi {
+    /// One turn, without the overall timeout.
+    async fn turn(&self, input: &TurnInput, on_delta: DeltaSink<'_>) -> Result<Reply, AgentError> {
+        let mut payload = json!({
+            "model": self.model,
+            "messages": input.messages,
+            "stream": input.stream,
+        });
+        if let Some(obj) = payload.as_object_mut() {
+            for (k, v) in &input.params {
+                obj.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        let body = serde_json::to_vec(&payload)
+            .map_err(|e| AgentError::Failed(format!("cannot encode the request: {e}")))?;
+        let resp = self
+            .send(Bytes::from(body), input.session_key.as_deref())
+            .await?;
+        let status = resp.status();
+        if status.is_redirection() {
+            // Not followed: the request (and its key) would go to another address.
+            let message = match resp
+                .headers()
+                .get(http::header::LOCATION)
+                .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
+            {
+                Some(l) => format!(
+                    "it redirects to `{}`, which is not followed: set [agent] base_url to the address that answers",
+                    excerpt(&l, 300)
+                ),
+                None => "a redirect without a Location, which is not followed".to_owned(),
+            };
+            return Err(AgentError::Upstream {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let sse = match resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim_start().to_ascii_lowercase())
+        {
+            Some(t) if t.starts_with("text/event-stream") => true,
+            Some(t) if t.starts_with("application/json") => false,
+            _ => input.stream,
+        };
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let (buf, cut) = self.read_error(&mut body).await;
+            return Err(AgentError::Upstream {
+                status: status.as_u16(),
+                message: error_message(&buf, cut),
+            });
+        }
+        // A line, or a whole answer, holds at most the reply escaped (`\uXXXX` for a
+        // character of two or three bytes) and the JSON around it.
+        let limit = self.max_reply.saturating_mul(4).saturating_add(ENVELOPE);
+        let mut out = Collect {
+            on_delta,
+            reply: Reply::default(),
+            streamed: 0,
+            max: self.max_reply,
+            over: false,
+            failed: false,
+        };
+        if sse {
+            self.read_stream(&mut body, limit, &mut out).await?;
+        } else {
+            self.read_json(&mut body, limit, &mut out).await?;
+        }
+        if out.failed {
+            // As an upstream hermes API server ends a turn whose agent crashed: not a
+            // reply to store.
+            return Err(AgentError::Upstream {
+                status: 502,
+                message:
+                    "the reply ended with finish_reason \"error\" (the upstream's agent failed)"
+                        .into(),
+            });
+        }
+        Ok(out.reply)
+    }
+
+    /// Up to [`ERROR_BODY_LIMIT`] bytes of an error body, and whether it went on.
+    async fn read_error(&self, body: &mut Incoming) -> (Vec<u8>, bool) {
+        let mut buf = Vec::new();
+        while let Ok(Some(c)) = self.next_chunk(body).await {
+            let room = ERROR_BODY_LIMIT - buf.len();
+            if c.len() >= room {
+                buf.extend_from_slice(&c[..room]);
+                // More than the limit, or exactly it: the rest is not waited for.
+                return (buf, true);
+            }
+            buf.extend_from_slice(&c);
+        }
+        (buf, false)
+    }
+
+    /// A whole chat completion (`stream: false`), read up to `limit` bytes.
+    async fn read_json(
+        &self,
+        body: &mut Incoming,
+        limit: u64,
+        out: &mut Collect<'_>,
+    ) -> Result<(), AgentError> {
+        let mut buf = Vec::new();
+        while let Some(c) = self.next_chunk(body).await? {
+            if (buf.len() + c.len()) as u64 > limit {
+                return Err(AgentError::Failed(format!(
+                    "the upstream's answer went over {limit} bytes (4 × [agent] max_reply + 64 KiB); its connection was closed"
+                )));
+            }
+            buf.extend_from_slice(&c);
+        }
+        let v: Value = serde_json::from_slice(&buf).map_err(|e| {
+            AgentError::Failed(format!(
+                "the upstream's answer is not JSON ({e}): `{}`",
+                excerpt(&String::from_utf8_lossy(&buf[..buf.len().min(1024)]), 200)
+            ))
+        })?;
+        if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
+            return Err(AgentError::Upstream {
+                status: 502,
+                message: error_message(json!({ "error": e }).to_string().as_bytes(), false),
+            });
+        }
+        let Some(message) = v.pointer("/choices/0/message").filter(|m| m.is_object()) else {
+            return Err(AgentError::Failed(format!(
+                "the upstream's answer has no choices[0].message: `{}`",
+                excerpt(&v.to_string(), 200)
+            )));
+        };
+        let text = message
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if let Some(u) = usage(&v) {
+            out.take(Item::Usage(u));
+        }
+        if !text.is_empty() {
+            out.take(Item::Text(text));
+        }
+        if let Some(f) = v
+            .pointer("/choices/0/finish_reason")
+            .and_then(Value::as_str)
+        {
+            out.take(Item::Finish(f));
+        }
+        if out.over {
+            return Err(over_max_reply(self.max_reply));
+        }
+        Ok(())
+    }
+
+    /// A streamed chat completion, until `[DONE]` (or its end after a `finish_reason`).
+    async fn read_stream(
+        &self,
+        body: &mut Incoming,
+        limit: u64,
+        out: &mut Collect<'_>,
+    ) -> Result<(), AgentError> {
+        let mut parser = SseParser::new(usize::try_from(limit).unwrap_or(usize::MAX));
+        loop {
+            let chunk = self.next_chunk(body).await?;
+            let r = match &chunk {
+                Some(c) => parser.feed(c, &mut |i| out.take(i)),
+                None => parser.finish(&mut |i| out.take(i)),
+            };
+            if out.over {
+                return Err(over_max_reply(self.max_reply));
+            }
+            r.map_err(|e| match e {
+                StreamError::Upstream(message) => AgentError::Upstream {
+                    status: 502,
+                    message,
+                },
+                e => AgentError::Failed(format!("the upstream's stream is malformed: {e}")),
+            })?;
+            if parser.is_done() {
+                // The rest of the body is not read: the connection goes with it.
+                return Ok(());
+            }
+            if chunk.is_none() {
+                if parser.is_complete() {
+                    return Ok(());
+                }
+                return Err(AgentError::Failed(
+                    "the upstream's stream ended before its reply did (no finish_reason, no [DONE])"
+                        .into(),
+                ));
+            }
+        }
     }
 }
 
 impl Agent for OpenAi {
     fn run<'a>(&'a self, input: &'a TurnInput, on_delta: DeltaSink<'a>) -> AgentFuture<'a> {
         Box::pin(async move {
-            let mut payload = json!({
-                "model": self.model,
-                "messages": input.messages,
-                "stream": input.stream,
-            });
-            if let Some(obj) = payload.as_object_mut() {
-                for (k, v) in &input.params {
-                    obj.entry(k.clone()).or_insert_with(|| v.clone());
-                }
+            // Dropping the turn drops its connection: nothing is left reading.
+            match tokio::time::timeout(self.timeout, self.turn(input, on_delta)).await {
+                Ok(r) => r,
+                Err(_) => Err(AgentError::Timeout(format!(
+                    "the upstream did not finish the turn within {:?} ([agent] timeout); its connection was closed",
+                    self.timeout
+                ))),
             }
-            let body = serde_json::to_vec(&payload)
-                .map_err(|e| AgentError::Failed(format!("cannot encode the request: {e}")))?;
-            let resp = self
-                .send(Bytes::from(body), input.session_key.as_deref())
-                .await?;
-            let status = resp.status();
-            let mut body = resp.into_body();
-            if !status.is_success() {
-                let mut buf = Vec::new();
-                while buf.len() < ERROR_BODY_LIMIT {
-                    match self.next_chunk(&mut body).await {
-                        Ok(Some(c)) => buf.extend_from_slice(&c),
-                        _ => break,
-                    }
-                }
-                return Err(AgentError::Upstream {
-                    status: status.as_u16(),
-                    message: error_message(&buf),
-                });
-            }
-            if !input.stream {
-                let mut buf = Vec::new();
-                while let Some(c) = self.next_chunk(&mut body).await? {
-                    buf.extend_from_slice(&c);
-                }
-                let v: Value = serde_json::from_slice(&buf).map_err(|e| {
-                    AgentError::Failed(format!("the upstream's answer is not JSON: {e}"))
-                })?;
-                let text = v
-                    .pointer("/choices/0/message/content")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
-                on_delta(Delta::Text(&text));
-                return Ok(Reply {
-                    text,
-                    usage: usage(&v),
-                    truncated: v
-                        .pointer("/choices/0/finish_reason")
-                        .and_then(Value::as_str)
-                        == Some("length"),
-                });
-            }
-            // Server-sent events: `event:` and `data:` lines, a blank line ending each
-            // event, until `data: [DONE]`.
-            let mut reply = Reply::default();
-            let mut pending: Vec<u8> = Vec::new();
-            let mut event: Option<String> = None;
-            'read: while let Some(c) = self.next_chunk(&mut body).await? {
-                pending.extend_from_slice(&c);
-                while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=nl).collect();
-                    let line = String::from_utf8_lossy(&line);
-                    let line = line.trim_end();
-                    if line.is_empty() {
-                        event = None;
-                        continue;
-                    }
-                    if let Some(name) = line.strip_prefix("event:") {
-                        event = Some(name.trim().to_owned());
-                        continue;
-                    }
-                    let Some(data) = line.strip_prefix("data:") else {
-                        continue;
-                    };
-                    let data = data.trim_start();
-                    if let Some(name) = event.as_deref().filter(|n| *n != "message") {
-                        // Only well-formed JSON goes on: it is written into our own stream.
-                        if serde_json::from_str::<Value>(data).is_ok_and(|v| v.is_object()) {
-                            on_delta(Delta::Event { name, data });
-                        }
-                        continue;
-                    }
-                    if data == "[DONE]" {
-                        break 'read;
-                    }
-                    let Ok(v) = serde_json::from_str::<Value>(data) else {
-                        continue;
-                    };
-                    if v.get("error").is_some() {
-                        return Err(AgentError::Upstream {
-                            status: 502,
-                            message: error_message(data.as_bytes()),
-                        });
-                    }
-                    if let Some(u) = usage(&v) {
-                        reply.usage = Some(u);
-                    }
-                    let choice = v.pointer("/choices/0");
-                    if let Some(d) = choice
-                        .and_then(|c| c.pointer("/delta/reasoning_content"))
-                        .and_then(Value::as_str)
-                        && !d.is_empty()
-                    {
-                        on_delta(Delta::Reasoning(d));
-                    }
-                    if let Some(d) = choice
-                        .and_then(|c| c.pointer("/delta/content"))
-                        .and_then(Value::as_str)
-                        && !d.is_empty()
-                    {
-                        on_delta(Delta::Text(d));
-                        reply.text.push_str(d);
-                    }
-                    if choice
-                        .and_then(|c| c.get("finish_reason"))
-                        .and_then(Value::as_str)
-                        == Some("length")
-                    {
-                        reply.truncated = true;
-                    }
-                }
-            }
-            Ok(reply)
         })
     }
 
@@ -315,16 +474,4 @@ impl Agent for OpenAi {
             }
         })
     }
-}
-
-/// `usage` of a completion or chunk, when it has one.
-fn usage(v: &Value) -> Option<Usage> {
-    let u = v.get("usage")?;
-    let n = |k: &str| u.get(k).and_then(Value::as_u64);
-    let (p, c) = (n("prompt_tokens")?, n("completion_tokens")?);
-    Some(Usage {
-        prompt_tokens: p,
-        completion_tokens: c,
-        total_tokens: n("total_tokens").unwrap_or(p + c),
-    })
 }

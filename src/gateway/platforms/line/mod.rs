@@ -190,19 +190,25 @@ fn without_mention(text: &str, index: Option<u64>, length: Option<u64>) -> Strin
     let (Some(i), Some(n)) = (index, length) else {
         return text.to_owned();
     };
-    let (i, n) = (i as usize, n as usize);
+    // Any numbers may come: ones that do not fall within the text change nothing.
+    let (Ok(i), Some(stop)) = (usize::try_from(i), i.checked_add(n)) else {
+        return text.to_owned();
+    };
+    let Ok(stop) = usize::try_from(stop) else {
+        return text.to_owned();
+    };
     let mut at = 0usize;
     let (mut start, mut end) = (None, None);
     for (b, c) in text.char_indices() {
         if at == i {
             start = Some(b);
         }
-        if at == i + n {
+        if at == stop {
             end = Some(b);
         }
         at += c.len_utf16();
     }
-    if at == i + n {
+    if at == stop {
         end = Some(text.len());
     }
     match (start, end) {
@@ -355,5 +361,7 @@ mod tests {
         // Offsets that do not fall on characters leave the text as it is.
         assert_eq!(without_mention("abc", Some(2), Some(5)), "abc");
         assert_eq!(without_mention("abc", None, Some(1)), "abc");
+        assert_eq!(without_mention("abc", Some(u64::MAX), Some(1)), "abc");
+        assert_eq!(without_mention("abc", Some(1), Some(u64::MAX)), "abc");
     }
 }
