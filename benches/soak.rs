@@ -6,7 +6,8 @@
 //! descriptors, live tasks and database size, and the requests that failed.
 //!
 //! Goal: after the first five minutes, RSS and descriptors flat within 10 %, zero failed
-//! requests, and a database bounded by retention (`[webhook] retention = "2m"` here).
+//! requests, and a database bounded by retention (`[webhook] retention`, `[api]
+//! run_retention` and `response_retention` all "2m" here).
 //!
 //! `cargo bench --bench soak` (not part of the test command).
 
@@ -148,6 +149,7 @@ fn main() {
         format!(
             "[listen]\napi = \"127.0.0.1:0\"\nwebhook = \"127.0.0.1:0\"\ncontrol = \"{}\"\n[state]\ndir = \"{}\"\n\
              [log]\nlevel = \"warn\"\n\
+             [api]\nrun_retention = \"2m\"\nresponse_retention = \"2m\"\n\
              [webhook]\nretention = \"2m\"\ndedup_window = \"1m\"\n\
              [[webhook.routes]]\nname = \"soak\"\nscheme = \"github\"\nsecret = \"{SECRET}\"\ntemplate = \"{{body.n}}\"\ntarget = {{ type = \"http\", url = \"{}\" }}\n\
              [[platforms.telegram]]\nname = \"main\"\ntoken = \"{}\"\napi_base = \"{}\"\nmode = \"webhook\"\nwebhook_secret = \"{SECRET}\"\nallow_all = true\nusername = \"{}\"\nchat_rate_limit = \"100000/min\"\nsend_rate_limit = \"100000/s\"\n\
