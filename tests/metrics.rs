@@ -42,20 +42,6 @@ fn prometheus_tool(name: &str) -> Option<String> {
     found
 }
 
-/// `GET path` over the control socket, with extra headers: (head, body).
-fn control_get(control: &Path, path: &str, headers: &str) -> (String, String) {
-    let mut s = std::os::unix::net::UnixStream::connect(control).expect("control socket");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
-    (head.to_owned(), body.to_owned())
-}
-
 /// The samples of a Prometheus text scrape: `name{labels}` → value (labels as written).
 fn samples(text: &str) -> HashMap<String, f64> {
     text.lines()

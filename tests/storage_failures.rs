@@ -230,12 +230,7 @@ fn session_messages(api: SocketAddr, id: &str) -> usize {
 
 /// `hermes_gateway_store_errors_total{kind=KIND}` in a scrape of the control socket.
 fn store_errors(control: &Path, kind: &str) -> f64 {
-    use std::io::Read;
-    let mut s = std::os::unix::net::UnixStream::connect(control).expect("control socket");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
+    let (_, text) = control_get(control, "/metrics", "");
     let key = format!("hermes_gateway_store_errors_total{{kind=\"{kind}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&key))

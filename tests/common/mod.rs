@@ -547,3 +547,18 @@ pub fn spawn_with_socket(
     }
     spawn_command(cmd)
 }
+
+/// `GET path` over the control socket, with extra header lines (each ending `\r\n`):
+/// the response's head and body.
+pub fn control_get(control: &Path, path: &str, headers: &str) -> (String, String) {
+    let mut s = std::os::unix::net::UnixStream::connect(control).expect("control socket");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+    (head.to_owned(), body.to_owned())
+}

@@ -139,6 +139,17 @@ struct Health {
     last_ok_unix_ms: Option<i64>,
 }
 
+impl Health {
+    /// The last request worked (or none failed yet, before the first one).
+    fn up(&self) -> bool {
+        match (self.last_ok_unix_ms, self.last_error_unix_ms) {
+            (Some(ok), Some(err)) => ok >= err,
+            (_, None) => true,
+            (None, Some(_)) => false,
+        }
+    }
+}
+
 impl Instance {
     /// `words`: the platform has no slash commands; `new`, `stop`, … alone in a message
     /// are the commands.
@@ -500,10 +511,10 @@ impl Platforms {
         }
     }
 
-    /// Each platform instance for `status`: its state, last error, and backlog (messages
-    /// taken and not yet answered).
-    pub async fn status(&self) -> Vec<Value> {
-        let mut out = Vec::new();
+    /// Each instance with its backlog (messages taken and replies not yet delivered; `None`
+    /// when the store cannot be read) and its health now.
+    async fn snapshot(&self) -> Vec<(&Arc<Instance>, Option<i64>, Health)> {
+        let mut out = Vec::with_capacity(self.inner.instances.len());
         for i in &self.inner.instances {
             let route = i.key.clone();
             let backlog = self
@@ -512,39 +523,37 @@ impl Platforms {
                 .read(move |c| rows::count_open(c, &route))
                 .await
                 .ok();
-            let h = i.health().clone();
-            out.push(json!({
-                "platform": i.platform,
-                "name": i.name,
-                "mode": i.mode,
-                "state": h.state,
-                "last_error": h.last_error,
-                "last_error_unix_ms": h.last_error_unix_ms,
-                "last_ok_unix_ms": h.last_ok_unix_ms,
-                "backlog": backlog,
-            }));
+            out.push((i, backlog, i.health().clone()));
         }
         out
+    }
+
+    /// Each platform instance for `status`: its state, last error, and backlog.
+    pub async fn status(&self) -> Vec<Value> {
+        self.snapshot()
+            .await
+            .into_iter()
+            .map(|(i, backlog, h)| {
+                json!({
+                    "platform": i.platform,
+                    "name": i.name,
+                    "mode": i.mode,
+                    "state": h.state,
+                    "last_error": h.last_error,
+                    "last_error_unix_ms": h.last_error_unix_ms,
+                    "last_ok_unix_ms": h.last_ok_unix_ms,
+                    "backlog": backlog,
+                })
+            })
+            .collect()
     }
 
     /// For `/health/detailed`: each instance (`telegram:main`) ok, or in error with its last
     /// error, with its state and backlog.
     pub async fn health(&self) -> Value {
         let mut out = serde_json::Map::new();
-        for i in &self.inner.instances {
-            let route = i.key.clone();
-            let backlog = self
-                .inner
-                .store
-                .read(move |c| rows::count_open(c, &route))
-                .await
-                .ok();
-            let h = i.health().clone();
-            let failing = match (h.last_ok_unix_ms, h.last_error_unix_ms) {
-                (Some(ok), Some(err)) => err > ok,
-                (None, Some(_)) => true,
-                _ => false,
-            } || h.state == "error";
+        for (i, backlog, h) in self.snapshot().await {
+            let failing = !h.up() || h.state == "error";
             let mut v = json!({
                 "status": if failing { "error" } else { "ok" },
                 "state": h.state,
@@ -563,22 +572,9 @@ impl Platforms {
     /// For a scrape: each instance's backlog, whether its last request worked, and when one
     /// last did.
     pub async fn export_metrics(&self) {
-        for i in &self.inner.instances {
-            let route = i.key.clone();
-            let backlog = self
-                .inner
-                .store
-                .read(move |c| rows::count_open(c, &route))
-                .await
-                .unwrap_or(0);
-            let h = i.health().clone();
-            let up = match (h.last_ok_unix_ms, h.last_error_unix_ms) {
-                (Some(ok), Some(err)) => ok >= err,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
+        for (i, backlog, h) in self.snapshot().await {
             let last = h.last_ok_unix_ms.map_or(0.0, |t| t as f64 / 1000.0);
-            crate::metrics::platform_state(i.platform, &i.name, backlog, up, last);
+            crate::metrics::platform_state(i.platform, &i.name, backlog.unwrap_or(0), h.up(), last);
         }
     }
 
