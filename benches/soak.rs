@@ -215,13 +215,15 @@ fn main() {
                     let _permit = permit;
                     match n % 10 {
                         0..=4 => {
-                            // Chat turns in 50 sessions; a session is deleted after 20 turns.
+                            // Chat turns in 25 sessions at a time (`n % 50` with `n % 10`
+                            // below 5), each used every fifth `turn`: 20 turns each per
+                            // hundred, then deleted at its last, in the hundred's last five.
                             let turn = n / 10;
                             let session = format!("soak-{}-{}", n % 50, turn / 100);
                             let body = json!({"model": "hermes-agent", "messages": [{"role": "user", "content": format!("turn {n}")}]});
                             send(&client, api, "POST", "/v1/chat/completions",
                                 &[("x-hermes-session-id", session.clone())], body.to_string(), &counts).await;
-                            if turn % 100 == 99 {
+                            if turn % 100 >= 95 {
                                 send(&client, api, "DELETE", &format!("/v1/sessions/{session}"), &[], String::new(), &counts).await;
                             }
                         }
