@@ -48,6 +48,8 @@ venv=target/conformance-venv
 pin=$(grep -v '^#' tests/conformance/requirements.txt | head -n 1)
 if ! "$venv/bin/pip" freeze 2>/dev/null | grep -ixF "$pin" >/dev/null; then
   echo "== creating $venv ($pin) for the conformance test"
+  # Anew: a cached venv moved or left by another Python has scripts that no longer run.
+  rm -rf "$venv"
   { python3 -m venv "$venv" && "$venv/bin/pip" install -q -r tests/conformance/requirements.txt; } ||
     echo "== could not create $venv: the conformance test will say so"
 fi
@@ -65,6 +67,7 @@ while read -r pin; do
 done <tests/platforms/requirements.txt
 if [ -n "$pmissing" ]; then
   echo "== creating $pvenv (missing:$pmissing) for the platform tests"
+  rm -rf "$pvenv"
   { python3 -m venv "$pvenv" && "$pvenv/bin/pip" install -q -r tests/platforms/requirements.txt; } ||
     echo "== could not create $pvenv: the platform tests that need it will say so"
 fi
