@@ -405,7 +405,9 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
         c.execute_batch(
-            "DROP TABLE responses;
+            "DROP INDEX runs_finished;
+             DROP INDEX deliveries_run;
+             DROP TABLE responses;
              DROP TABLE session_keys;
              DROP TABLE schedules;
              ALTER TABLE deliveries DROP COLUMN progress;
