@@ -70,8 +70,7 @@ impl<S: Clone + Send + Sync + 'static> RouteExt<S> for Router<S> {
     }
 }
 
-/// Tags the request's task with its route as the route is entered: nothing is allocated,
-/// and the response is not touched.
+/// Puts the route's template in its responses' extensions, for the connection's metrics.
 #[derive(Clone, Copy)]
 struct RouteTag(&'static str);
 
@@ -93,18 +92,46 @@ pub struct Tagged<I> {
 
 impl<I> Service<Request<Body>> for Tagged<I>
 where
-    I: Service<Request<Body>, Error = Infallible>,
+    I: Service<Request<Body>, Response = Response, Error = Infallible>,
 {
-    type Response = I::Response;
+    type Response = Response;
     type Error = Infallible;
-    type Future = I::Future;
+    type Future = TaggedFuture<I::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> I::Future {
-        metrics::http::tag_route(self.route);
-        self.inner.call(req)
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        TaggedFuture {
+            inner: self.inner.call(req),
+            route: self.route,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TaggedFuture<F> {
+        #[pin]
+        inner: F,
+        route: &'static str,
+    }
+}
+
+impl<F: std::future::Future<Output = Result<Response, Infallible>>> std::future::Future
+    for TaggedFuture<F>
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let route = *this.route;
+        this.inner.poll(cx).map(|r| {
+            r.map(|mut resp| {
+                resp.extensions_mut()
+                    .insert(metrics::http::RouteLabel(route));
+                resp
+            })
+        })
     }
 }

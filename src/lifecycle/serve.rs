@@ -412,7 +412,7 @@ async fn handle(
     req.extensions_mut().insert(info.clone());
     req.extensions_mut().insert(RequestId(id.clone()));
     tracker.count_request();
-    let (resp, route) = http_metrics::Routed::new(router.oneshot(req.map(Body::new))).await;
+    let resp = router.oneshot(req.map(Body::new)).await;
     let mut resp = match resp {
         Ok(r) => r,
         Err(never) => match never {},
@@ -427,6 +427,10 @@ async fn handle(
     let status = resp.status().as_u16();
     let took = started.elapsed();
     if let Some(m) = metrics {
+        let route = resp
+            .extensions()
+            .get::<http_metrics::RouteLabel>()
+            .map_or(http_metrics::UNROUTED, |r| r.0);
         m.record(route, status, took);
     }
     let duration_ms = took.as_secs_f64() * 1000.0;

@@ -9,7 +9,6 @@
 //! ([`Cache`]), and the route is a `&'static str` the router tags the request's task with
 //! ([`tag_route`]), so a request allocates nothing. The shards are summed at the scrape.
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock};
@@ -211,57 +210,11 @@ pub fn open_connections(listener: &'static str) -> Arc<AtomicI64> {
     get_or_insert(&TABLES.open, listener)
 }
 
-thread_local! {
-    /// The route the router tagged during the current poll of a [`Routed`] future.
-    static ROUTE: Cell<&'static str> = const { Cell::new(UNROUTED) };
-}
-
-/// Tags the request being served with its route template (called by the router when a
-/// route matched, inside the poll of the request's [`Routed`] future).
-pub fn tag_route(route: &'static str) {
-    ROUTE.with(|r| r.set(route));
-}
-
-pin_project_lite::pin_project! {
-    /// A request's handling, resolving to its output and the route it was tagged with.
-    /// The tag is taken from a thread-local around each poll: a poll runs on one thread and
-    /// no other task runs on that thread until it returns, so a tag set during the poll is
-    /// this request's. (A `tokio::task_local!` scope did the same at twice the cost of all
-    /// the rest of the request's metrics.)
-    pub struct Routed<F> {
-        #[pin]
-        inner: F,
-        route: &'static str,
-    }
-}
-
-impl<F> Routed<F> {
-    pub fn new(inner: F) -> Self {
-        Routed {
-            inner,
-            route: UNROUTED,
-        }
-    }
-}
-
-impl<F: std::future::Future> std::future::Future for Routed<F> {
-    type Output = (F::Output, &'static str);
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        let outer = ROUTE.with(|r| r.replace(UNROUTED));
-        let polled = this.inner.poll(cx);
-        let tagged = ROUTE.with(|r| r.replace(outer));
-        if !std::ptr::eq(tagged, UNROUTED) {
-            *this.route = tagged;
-        }
-        let route = *this.route;
-        polled.map(|out| (out, route))
-    }
-}
+/// A response's route template, put in its extensions by the router when a route
+/// matched; read by the connection to label the request's metrics. (A thread-local set
+/// during the request's poll lost the tag in release builds on some routes.)
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
 
 /// Encodes the tables at a scrape.
 #[derive(Debug)]
@@ -364,27 +317,5 @@ mod tests {
         let a = intern(&String::from("/v1/x/{id}"));
         let b = intern("/v1/x/{id}");
         assert!(std::ptr::eq(a, b));
-    }
-
-    #[tokio::test]
-    async fn a_route_tag_belongs_to_the_request_whose_poll_set_it() {
-        let (a, b) = tokio::join!(
-            Routed::new(async {
-                tokio::task::yield_now().await;
-                tag_route("/a");
-                tokio::task::yield_now().await;
-            }),
-            Routed::new(async {
-                tag_route("/b");
-                tokio::task::yield_now().await;
-                tokio::task::yield_now().await;
-            }),
-        );
-        assert_eq!((a.1, b.1), ("/a", "/b"));
-        let (_, none) = Routed::new(async {}).await;
-        assert_eq!(none, UNROUTED);
-        tag_route("/outside");
-        let (_, inner) = Routed::new(async {}).await;
-        assert_eq!(inner, UNROUTED, "a tag from outside is not the request's");
     }
 }
