@@ -7,7 +7,9 @@
 //!
 //! Goal: after the first five minutes, RSS and descriptors flat within 10 %, zero failed
 //! requests, and a database bounded by retention (`[webhook] retention`, `[api]
-//! run_retention` and `response_retention` all "2m" here).
+//! run_retention` and `response_retention` all "2m" here): the rows retention prunes are
+//! counted apart from the sessions' messages, which are history kept until a session is
+//! deleted (the Telegram chats' sessions here never are, as a user's chat is not).
 //!
 //! `cargo bench --bench soak` (not part of the test command).
 
@@ -83,6 +85,30 @@ fn db_bytes(state: &Path) -> u64 {
         .filter_map(|f| std::fs::metadata(state.join(f)).ok())
         .map(|m| m.len())
         .sum()
+}
+
+/// Rows of the tables that retention prunes (runs, their events, deliveries, responses),
+/// and of the sessions' messages (history, kept until a session is deleted).
+fn rows(state: &Path) -> (i64, i64) {
+    let Ok(c) = rusqlite::Connection::open_with_flags(
+        state.join("gateway.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return (-1, -1);
+    };
+    let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap_or(-1);
+    (
+        count(
+            "SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM run_events) \
+             + (SELECT count(*) FROM deliveries) + (SELECT count(*) FROM responses)",
+        ),
+        count("SELECT count(*) FROM messages"),
+    )
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 fn github_signature(body: &[u8]) -> String {
@@ -251,15 +277,16 @@ fn main() {
         })
     };
     println!(
-        "soak: {minutes} min, pid {pid}; minute, RSS MiB, fds, tasks, db MiB, ok, 429, failed"
+        "soak: {minutes} min, pid {pid}; minute, RSS MiB, fds, tasks, db MiB, retained rows (runs, events, deliveries, responses), history messages, ok, 429, failed"
     );
-    let mut rows: Vec<(u64, u64, usize)> = Vec::new();
+    let mut table: Vec<(u64, u64, usize, i64)> = Vec::new();
     for minute in 1..=minutes {
         std::thread::sleep(Duration::from_secs(60));
         let st = status_of(&control);
         let (rss, fd, db) = (rss_kib(pid), fds(pid), db_bytes(&state));
+        let (retained, history) = rows(&state);
         println!(
-            "{minute:>3}  {:>6.1}  {fd:>4}  {:>5}  {:>6.1}  {:>8}  {:>5}  {:>3}",
+            "{minute:>3}  {:>6.1}  {fd:>4}  {:>5}  {:>6.1}  {retained:>7}  {history:>7}  {:>8}  {:>5}  {:>3}",
             rss as f64 / 1024.0,
             st["tasks"],
             db as f64 / (1 << 20) as f64,
@@ -267,7 +294,7 @@ fn main() {
             counts.busy.load(Ordering::Relaxed),
             counts.failed.load(Ordering::Relaxed),
         );
-        rows.push((minute, rss, fd));
+        table.push((minute, rss, fd, retained));
         if minute % 5 == 0 {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -286,21 +313,40 @@ fn main() {
         let _ = inflight.acquire_many(32).await;
     });
     let failed = counts.failed.load(Ordering::Relaxed);
-    let after: Vec<&(u64, u64, usize)> = rows.iter().filter(|r| r.0 >= 5).collect();
+    let after: Vec<&(u64, u64, usize, i64)> = table.iter().filter(|r| r.0 >= 5).collect();
     if let (Some(min), Some(max)) = (
         after.iter().map(|r| r.1).min(),
         after.iter().map(|r| r.1).max(),
     ) {
         println!(
-            "RSS after minute 5: {:.1}–{:.1} MiB ({:+.1} %); fds {}–{}; failed requests {failed}; replies in Telegram {}; webhook results {}",
+            "RSS after minute 5: {:.1}–{:.1} MiB ({:+.1} %); fds {}–{}; retained rows {}–{}; failed requests {failed}; replies in Telegram {}; webhook results {}",
             min as f64 / 1024.0,
             max as f64 / 1024.0,
             (max as f64 / min.max(1) as f64 - 1.0) * 100.0,
             after.iter().map(|r| r.2).min().unwrap_or(0),
             after.iter().map(|r| r.2).max().unwrap_or(0),
+            after.iter().map(|r| r.3).min().unwrap_or(0),
+            after.iter().map(|r| r.3).max().unwrap_or(0),
             stub.delivered().len(),
             rx.all().len(),
         );
+        // The trend, which single samples (a descriptor count depends on the requests in
+        // flight at that instant) do not show: minutes 6–10 against the last five.
+        if table.len() >= 15 {
+            let window = |from: usize, f: fn(&(u64, u64, usize, i64)) -> u64| {
+                median(table[from..from + 5].iter().map(f).collect())
+            };
+            let last = table.len() - 5;
+            let (r0, r1) = (window(5, |r| r.1), window(last, |r| r.1));
+            let (f0, f1) = (window(5, |r| r.2 as u64), window(last, |r| r.2 as u64));
+            println!(
+                "trend (median of minutes 6–10 → of the last five): RSS {:.1} → {:.1} MiB ({:+.1} %), fds {f0} → {f1} ({:+.1} %)",
+                r0 as f64 / 1024.0,
+                r1 as f64 / 1024.0,
+                (r1 as f64 / r0.max(1) as f64 - 1.0) * 100.0,
+                (f1 as f64 / f0.max(1) as f64 - 1.0) * 100.0,
+            );
+        }
     }
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),

@@ -37,14 +37,23 @@ type Policy = dyn Fn(&Received, usize) -> u16 + Send + Sync;
 #[derive(Clone)]
 pub struct Receiver {
     pub addr: SocketAddr,
-    pub got: Arc<Mutex<Vec<Received>>>,
+    got: Arc<Mutex<Got>>,
+}
+
+/// What the receiver got, and how many requests carried each `Idempotency-Key` (counted
+/// as they come: scanning every earlier request made the receiver itself the bottleneck
+/// of a long soak).
+#[derive(Default)]
+struct Got {
+    all: Vec<Received>,
+    per_key: HashMap<String, usize>,
 }
 
 impl Receiver {
     pub fn start(policy: impl Fn(&Received, usize) -> u16 + Send + Sync + 'static) -> Receiver {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let got: Arc<Mutex<Got>> = Arc::default();
         let policy: Arc<Policy> = Arc::new(policy);
         let g = got.clone();
         std::thread::spawn(move || {
@@ -61,7 +70,7 @@ impl Receiver {
     }
 
     pub fn all(&self) -> Vec<Received> {
-        self.got.lock().unwrap().clone()
+        self.got.lock().unwrap().all.clone()
     }
 
     /// Waits until `f` holds over what was received.
@@ -82,7 +91,7 @@ impl Receiver {
     }
 }
 
-fn serve(s: TcpStream, got: &Mutex<Vec<Received>>, policy: &Policy) {
+fn serve(s: TcpStream, got: &Mutex<Got>, policy: &Policy) {
     let mut w = match s.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -125,12 +134,13 @@ fn serve(s: TcpStream, got: &Mutex<Vec<Received>>, policy: &Policy) {
         let status = {
             let mut g = got.lock().unwrap();
             let key = rec.header("idempotency-key").unwrap_or("").to_owned();
-            let n = 1 + g
-                .iter()
-                .filter(|x| x.header("idempotency-key") == Some(key.as_str()))
-                .count();
+            let n = {
+                let seen = g.per_key.entry(key).or_default();
+                *seen += 1;
+                *seen
+            };
             rec.status = policy(&rec, n);
-            g.push(rec.clone());
+            g.all.push(rec.clone());
             rec.status
         };
         let text = if (200..300).contains(&status) {
