@@ -18,7 +18,9 @@
 //! `HERMES_GATEWAY_METRICS=off`, side by side (`BENCH_ONLY=metrics` runs only that).
 //!
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3),
-//! BENCH_CONNS (default 64), BENCH_ONLY=metrics.
+//! BENCH_CONNS (default 64), BENCH_ONLY=metrics, BENCH_ONLY=responses-instructions (the
+//! Responses turn against the session turn in instructions, under callgrind;
+//! BENCH_KEEP_CALLGRIND=/path/prefix keeps each run's profile for `callgrind_annotate`).
 
 mod support;
 
@@ -110,6 +112,16 @@ enum Load {
     Health,
     SessionTurn,
     ResponseTurn,
+}
+
+impl Load {
+    fn name(self) -> &'static str {
+        match self {
+            Load::Health => "health",
+            Load::SessionTurn => "turn",
+            Load::ResponseTurn => "response",
+        }
+    }
 }
 
 /// The response id (`resp_…`) at the start of a streamed response's events, if any.
@@ -344,8 +356,9 @@ fn metrics_overhead(rounds: usize, secs: u64, conns: usize) {
     );
 }
 
-/// One request on a blocking keep-alive connection; the response read by its length.
-fn sequential(stream: &mut std::net::TcpStream, raw: &[u8]) {
+/// One request on a blocking keep-alive connection; the response read by its length, or
+/// to its last chunk when it is chunked (a stream). Returns the response's body as sent.
+fn sequential(stream: &mut std::net::TcpStream, raw: &[u8]) -> Vec<u8> {
     use std::io::{Read, Write};
     stream.write_all(raw).expect("send");
     let mut buf = Vec::with_capacity(1024);
@@ -359,13 +372,19 @@ fn sequential(stream: &mut std::net::TcpStream, raw: &[u8]) {
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 200"), "{head}");
+        if head.contains("transfer-encoding: chunked") {
+            if buf.ends_with(b"\r\n0\r\n\r\n") || buf[end + 4..].starts_with(b"0\r\n\r\n") {
+                return buf.split_off(end + 4);
+            }
+            continue;
+        }
         let len: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length:"))
             .and_then(|v| v.trim().parse().ok())
             .expect("a content-length");
         if buf.len() >= end + 4 + len {
-            return;
+            return buf.split_off(end + 4);
         }
     }
 }
@@ -387,10 +406,26 @@ fn instructions(load: Load, n: usize, metrics: bool) -> u64 {
         &["valgrind", "--tool=callgrind", "--quiet", &out_arg],
     );
     let mut stream = std::net::TcpStream::connect(gw.addr).expect("connect");
+    let mut last = Vec::new();
     for i in 0..n {
         let raw = match load {
             Load::Health => "GET /health HTTP/1.1\r\nHost: bench\r\n\r\n".to_owned(),
-            _ => {
+            Load::ResponseTurn => {
+                let previous = match response_id(&last) {
+                    Some(id) if i as u64 % TURNS_PER_SESSION != 0 => {
+                        format!(r#","previous_response_id":"{id}""#)
+                    }
+                    _ => String::new(),
+                };
+                let body = format!(
+                    r#"{{"model":"hermes-agent","stream":true,"input":"turn {i} of a benchmark conversation"{previous}}}"#
+                );
+                format!(
+                    "POST /v1/responses HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            }
+            Load::SessionTurn => {
                 let body = format!(
                     r#"{{"model":"hermes-agent","messages":[{{"role":"user","content":"turn {i} of a benchmark conversation"}}]}}"#
                 );
@@ -401,13 +436,17 @@ fn instructions(load: Load, n: usize, metrics: bool) -> u64 {
                 )
             }
         };
-        sequential(&mut stream, raw.as_bytes());
+        last = sequential(&mut stream, raw.as_bytes());
     }
     drop(stream);
     let mut gw = gw;
     let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let _ = gw.child.wait();
+    if let Ok(keep) = std::env::var("BENCH_KEEP_CALLGRIND") {
+        // For callgrind_annotate: the profile of this run, by load and count.
+        let _ = std::fs::copy(&out, format!("{keep}.{}.{n}", load.name()));
+    }
     let text = std::fs::read_to_string(&out).expect("callgrind's output");
     text.lines()
         .find_map(|l| {
@@ -445,11 +484,38 @@ fn metrics_instructions(small: usize, large: usize) {
     }
 }
 
+/// Instructions per stored, streamed response with `previous_response_id` against per
+/// session turn, counted as `metrics_instructions` counts them (with metrics on). The
+/// rate target (>= 0.8 of the session turn's) is about the whole machine; this is the
+/// gateway's share of it, free of the machine's noise.
+fn responses_instructions(small: usize, large: usize) {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        println!("instructions per request: valgrind is not installed, not measured");
+        return;
+    }
+    let per = |load: Load| {
+        let (a, b) = (
+            instructions(load, small, true),
+            instructions(load, large, true),
+        );
+        b.saturating_sub(a) as f64 / (large - small) as f64
+    };
+    let (turn, response) = (per(Load::SessionTurn), per(Load::ResponseTurn));
+    println!(
+        "instructions per request (callgrind, {small} vs {large} requests on one connection): session turn {turn:.0}, stored streamed response with previous_response_id {response:.0} | turn / response {:.3}",
+        turn / response
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful.
     let secs = env_u64("BENCH_SECS", 5);
     let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
     let conns = env_u64("BENCH_CONNS", 64) as usize;
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("responses-instructions") {
+        responses_instructions(1000, 3000);
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("metrics") {
         metrics_overhead(rounds, secs, conns);
         metrics_instructions(1000, 3000);

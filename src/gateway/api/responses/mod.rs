@@ -23,11 +23,11 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use super::chat::{bad_request, json_response, session_header, turn_error};
+use super::chat::{bad_request, session_header, turn_error};
 use super::{
     SESSION_HEADER, SESSION_KEY_HEADER, Shared, busy, parse_json, read_body, sse, store_error,
     valid_session_id,
@@ -38,6 +38,10 @@ use crate::gateway::ids::new_id;
 use crate::gateway::sessions::{Piece, Record, Turn, TurnError, TurnKind};
 use crate::store::responses::{self, ResponseRow};
 use crate::store::{self, Store};
+
+mod wire;
+
+use wire::{Events, JsonStr, OutputMessage, Part, UsageOut, View};
 
 #[derive(Deserialize)]
 struct CreateResponse {
@@ -247,74 +251,6 @@ fn input_messages(input: Input) -> Result<Vec<Value>, ApiError> {
     Ok(out)
 }
 
-/// A response object, serialized straight from borrowed fields (a `json!` value would
-/// build a map of owned strings for each of the several times a stream sends it).
-#[derive(Serialize)]
-struct View<'a> {
-    id: &'a str,
-    object: &'static str,
-    created_at: i64,
-    status: &'a str,
-    model: &'a str,
-    output: Option<[OutputMessage<'a>; 1]>,
-    usage: Option<UsageOut>,
-    previous_response_id: Option<&'a str>,
-    conversation: Option<ConversationRef<'a>>,
-    instructions: Option<&'a str>,
-    metadata: &'a Value,
-    store: bool,
-    error: Option<&'a Value>,
-    incomplete_details: Option<()>,
-    parallel_tool_calls: bool,
-    tool_choice: &'static str,
-    tools: [(); 0],
-    text: TextConfig,
-    truncation: &'static str,
-}
-
-#[derive(Serialize)]
-struct ConversationRef<'a> {
-    id: &'a str,
-}
-
-#[derive(Serialize)]
-struct TextConfig {
-    format: TextFormat,
-}
-
-#[derive(Serialize)]
-struct TextFormat {
-    #[serde(rename = "type")]
-    kind: &'static str,
-}
-
-#[derive(Serialize, Clone, Copy)]
-struct UsageOut {
-    input_tokens: u64,
-    output_tokens: u64,
-    total_tokens: u64,
-}
-
-#[derive(Serialize)]
-struct OutputMessage<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    status: &'a str,
-    role: &'static str,
-    content: &'a [Part<'a>],
-}
-
-#[derive(Serialize)]
-struct Part<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    text: &'a str,
-    annotations: [(); 0],
-}
-
-static EMPTY_OBJECT: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| json!({}));
-
 /// The message item's id of a response.
 fn message_id(response_id: &str) -> String {
     format!(
@@ -340,50 +276,41 @@ impl<'a> Fields<'a> {
     fn view(
         &self,
         status: &'a str,
-        text: Option<&'a [Part<'a>; 1]>,
+        text: Option<&'a Part<'a>>,
         usage: Option<UsageOut>,
         error: Option<&'a Value>,
     ) -> View<'a> {
         View {
             id: self.id,
-            object: "response",
             created_at: self.created_at,
             status,
             model: self.model,
-            output: text.map(|t| {
-                [OutputMessage {
-                    id: self.item_id,
-                    kind: "message",
-                    status: "completed",
-                    role: "assistant",
-                    content: t,
-                }]
+            output: text.map(|t| OutputMessage {
+                id: self.item_id,
+                status: "completed",
+                content: Some(t),
             }),
             usage,
             previous_response_id: self.previous_response_id,
-            conversation: self.conversation.map(|id| ConversationRef { id }),
+            conversation: self.conversation,
             instructions: self.instructions,
-            metadata: self.metadata.unwrap_or(&EMPTY_OBJECT),
+            metadata: self.metadata,
             store: self.store,
             error,
-            incomplete_details: None,
-            parallel_tool_calls: false,
-            tool_choice: "none",
-            tools: [],
-            text: TextConfig {
-                format: TextFormat { kind: "text" },
-            },
-            truncation: "disabled",
         }
     }
 }
 
-fn text_part(text: &str) -> [Part<'_>; 1] {
-    [Part {
-        kind: "output_text",
-        text,
-        annotations: [],
-    }]
+/// A response object as a JSON response.
+fn view_response(v: &View<'_>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        )],
+        v.to_vec(),
+    )
+        .into_response()
 }
 
 fn usage_out(r: &Reply) -> Option<UsageOut> {
@@ -409,7 +336,8 @@ fn row_view(r: &ResponseRow) -> Response {
             output_tokens: u["output_tokens"].as_u64().unwrap_or(0),
             total_tokens: u["total_tokens"].as_u64().unwrap_or(0),
         });
-    let part = text_part(&r.output);
+    let text = JsonStr::new(&r.output);
+    let part = Part { text: &text };
     let f = Fields {
         id: &r.id,
         item_id: &item_id,
@@ -421,7 +349,7 @@ fn row_view(r: &ResponseRow) -> Response {
         metadata: metadata.as_ref(),
         store: true,
     };
-    json_response(&f.view("completed", Some(&part), usage, None))
+    view_response(&f.view("completed", Some(&part), usage, None))
 }
 
 /// Where a new response's turn goes: its session (`None`: nothing is stored), the
@@ -678,8 +606,9 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
             .map_err(|_| err(ApiError::internal("the turn was dropped")))?;
         let reply = result.map_err(|e| err(turn_error(&e)))?;
         meta.index();
-        let part = text_part(&reply.text);
-        let mut r = json_response(&meta.fields().view(
+        let text = JsonStr::new(&reply.text);
+        let part = Part { text: &text };
+        let mut r = view_response(&meta.fields().view(
             "completed",
             Some(&part),
             usage_out(&reply),
@@ -747,83 +676,6 @@ impl Meta {
     }
 }
 
-/// One event of a streamed response: `{"type", "sequence_number", …body}`.
-#[derive(Serialize)]
-struct Event<'a, T: Serialize> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    sequence_number: u64,
-    #[serde(flatten)]
-    body: T,
-}
-
-#[derive(Serialize)]
-struct WithResponse<'a> {
-    response: &'a View<'a>,
-}
-
-#[derive(Serialize)]
-struct ItemEvent<'a> {
-    output_index: u32,
-    item: &'a OutputMessage<'a>,
-}
-
-#[derive(Serialize)]
-struct PartEvent<'a> {
-    item_id: &'a str,
-    output_index: u32,
-    content_index: u32,
-    part: &'a Part<'a>,
-}
-
-#[derive(Serialize)]
-struct TextEvent<'a> {
-    item_id: &'a str,
-    output_index: u32,
-    content_index: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    delta: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct ErrorEvent<'a> {
-    code: &'a str,
-    message: &'a str,
-    param: Option<()>,
-}
-
-/// Numbers the events of one stream and writes them, several into one buffer when they
-/// go out together.
-struct Events {
-    seq: u64,
-    buf: Vec<u8>,
-}
-
-impl Events {
-    fn push<T: Serialize>(&mut self, kind: &str, body: T) {
-        self.buf.extend_from_slice(b"event: ");
-        self.buf.extend_from_slice(kind.as_bytes());
-        self.buf.extend_from_slice(b"\ndata: ");
-        let ev = Event {
-            kind,
-            sequence_number: self.seq,
-            body,
-        };
-        if serde_json::to_writer(&mut self.buf, &ev).is_err() {
-            // Only a failing Serialize impl errs; ours do not. The event goes out empty.
-            self.buf.extend_from_slice(b"{}");
-        }
-        self.buf.extend_from_slice(b"\n\n");
-        self.seq += 1;
-    }
-
-    fn take(&mut self) -> Bytes {
-        Bytes::from(std::mem::take(&mut self.buf))
-    }
-}
-
 /// OpenAI's event sequence for one streamed response: created, in_progress, the message
 /// item and its text part opened, text deltas, then everything closed and `completed`;
 /// `response.failed` when the agent fails; an `error` event when the gateway stops first.
@@ -836,43 +688,28 @@ async fn stream_response(
     shutdown: crate::lifecycle::Shutdown,
     keepalive: Duration,
 ) {
-    let mut ev = Events {
-        seq: 0,
-        buf: Vec::with_capacity(2048),
-    };
+    let mut ev = Events::new();
     let f = meta.fields();
     let item_id = f.item_id;
-    let empty = text_part("");
-    {
-        let pending = f.view("in_progress", None, None, None);
-        ev.push("response.created", WithResponse { response: &pending });
-        ev.push("response.in_progress", WithResponse { response: &pending });
-    }
-    let opening_item = OutputMessage {
-        id: item_id,
-        kind: "message",
-        status: "in_progress",
-        role: "assistant",
-        content: &[],
-    };
-    ev.push(
+    // The same object twice: written once.
+    let pending = ev.response("response.created", &f.view("in_progress", None, None, None));
+    ev.response_again("response.in_progress", pending);
+    ev.item(
         "response.output_item.added",
-        ItemEvent {
-            output_index: 0,
-            item: &opening_item,
+        &OutputMessage {
+            id: item_id,
+            status: "in_progress",
+            content: None,
         },
     );
-    ev.push(
+    let empty = JsonStr::new("");
+    ev.part(
         "response.content_part.added",
-        PartEvent {
-            item_id,
-            output_index: 0,
-            content_index: 0,
-            part: &empty[0],
-        },
+        item_id,
+        &Part { text: &empty },
     );
     // The opening events go out as one piece.
-    if tx.send(ev.take()).await.is_err() {
+    if tx.send(Bytes::from(ev.take())).await.is_err() {
         return;
     }
     let notice = sse::restart_notice(shutdown);
@@ -884,11 +721,8 @@ async fn stream_response(
             biased;
             d = drx.recv(), if pieces_open => match d {
                 Some(Piece::Text(t)) => {
-                    ev.push("response.output_text.delta", TextEvent {
-                        item_id, output_index: 0, content_index: 0,
-                        delta: Some(&t), text: None,
-                    });
-                    ev.take()
+                    ev.delta(item_id, &t);
+                    Bytes::from(ev.take())
                 }
                 // Reasoning and upstream events have no place in this stream.
                 Some(_) => continue,
@@ -901,8 +735,8 @@ async fn stream_response(
             () = &mut notice => {
                 let e = sse::restarting_error();
                 let message = e.get("message").and_then(Value::as_str).unwrap_or("");
-                ev.push("error", ErrorEvent { code: "gateway_restarting", message, param: None });
-                let _ = tx.send(ev.take()).await;
+                ev.error("gateway_restarting", message);
+                let _ = tx.send(Bytes::from(ev.take())).await;
                 return;
             }
             () = idle.elapsed() => sse::keepalive_comment(),
@@ -916,52 +750,30 @@ async fn stream_response(
     match result {
         Ok(Ok(reply)) => {
             meta.index();
-            let part = text_part(&reply.text);
-            ev.push(
-                "response.output_text.done",
-                TextEvent {
-                    item_id,
-                    output_index: 0,
-                    content_index: 0,
-                    delta: None,
-                    text: Some(&reply.text),
-                },
-            );
-            ev.push(
-                "response.content_part.done",
-                PartEvent {
-                    item_id,
-                    output_index: 0,
-                    content_index: 0,
-                    part: &part[0],
-                },
-            );
+            let text = JsonStr::new(&reply.text);
+            let part = Part { text: &text };
+            ev.text_done(item_id, &text);
+            ev.part("response.content_part.done", item_id, &part);
             let done = f.view("completed", Some(&part), usage_out(&reply), None);
             if let Some(item) = &done.output {
-                ev.push(
-                    "response.output_item.done",
-                    ItemEvent {
-                        output_index: 0,
-                        item: &item[0],
-                    },
-                );
+                ev.item("response.output_item.done", item);
             }
-            ev.push("response.completed", WithResponse { response: &done });
+            ev.response("response.completed", &done);
         }
         Ok(Err(e)) => {
             let e = turn_error(&e);
             let error = json!({"code": e.code.unwrap_or("agent_error"), "message": e.message});
             let failed = f.view("failed", None, None, Some(&error));
-            ev.push("response.failed", WithResponse { response: &failed });
+            ev.response("response.failed", &failed);
         }
         Err(_) => {
             let error = json!({"code": "server_error", "message": "the turn was dropped"});
             let failed = f.view("failed", None, None, Some(&error));
-            ev.push("response.failed", WithResponse { response: &failed });
+            ev.response("response.failed", &failed);
         }
     }
     // The closing events go out as one piece.
-    let _ = tx.send(ev.take()).await;
+    let _ = tx.send(Bytes::from(ev.take())).await;
 }
 
 async fn load(s: &Shared, id: &str) -> Result<ResponseRow, Response> {
