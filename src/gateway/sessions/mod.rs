@@ -880,6 +880,10 @@ impl Sessions {
         self.inner.runs.remove(&run_id);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         match committed {
+            // The store closed under it: the gateway is stopping, and a graceful restart
+            // does this to every run its drain cut short. Expected, so not an error.
+            Err(StoreError::WriterGone) => tracing::warn!(session_key = %skey, run_id = %run_id,
+                "run finished ({}) as the gateway stopped, before it was stored; it will run again at the next start", status.as_str()),
             Err(e) => tracing::error!(session_key = %skey, run_id = %run_id,
                 "run finished ({}) but could not be stored: {e}; it will run again at the next start", status.as_str()),
             Ok(()) => match &error {
