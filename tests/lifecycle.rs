@@ -300,6 +300,37 @@ fn unsupervised_usr1_reexecs_in_place_without_refusing() {
     assert_eq!(gw.wait(T).code(), Some(0));
 }
 
+/// SIGTERM during a restart's drain: the stop wins. Unsupervised, the gateway must not
+/// re-execute (it would come back although the operator stopped it); under a manager it
+/// exits 0, not 75. The drain itself goes on: the request in flight is answered.
+#[test]
+fn a_stop_during_a_restarts_drain_wins() {
+    for args in [&["--supervisor", "none"][..], &[][..]] {
+        let setup = Setup::new("127.0.0.1:0", "[gateway]\nidle_grace = \"100ms\"\n");
+        let notify = setup.notify();
+        let mut gw = setup.spawn(args, &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())]);
+        notify.wait_for("READY=1", T);
+        let api = api_addr(&setup);
+        let mut c = Conn::open(api).unwrap();
+        // Half a request on the wire keeps the drain going.
+        c.send("GET /health HTTP/1.1\r\nHost: te").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        gw.signal(Signal::SIGUSR1);
+        notify.wait_for("STOPPING=1", T);
+        gw.signal(Signal::SIGTERM);
+        gw.wait_stderr("stopping instead of restarting", T);
+        c.send("st\r\n\r\n").unwrap();
+        let r = common::read_response(&mut c.r).expect("the request in flight is answered");
+        assert_eq!(r.status, 200);
+        assert_eq!(gw.wait(T).code(), Some(0), "{args:?}: {}", gw.stderr());
+        assert!(
+            !gw.stderr().contains("second stop signal"),
+            "the first stop is not a hurry: {}",
+            gw.stderr()
+        );
+    }
+}
+
 #[test]
 fn drain_answers_the_next_keepalive_request_with_connection_close() {
     let setup = Setup::new("127.0.0.1:0", "[gateway]\nidle_grace = \"2s\"\n");

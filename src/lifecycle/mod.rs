@@ -142,6 +142,7 @@ struct Context {
     relaunch: Option<Relaunch>,
 }
 
+#[derive(Clone, Copy)]
 enum StopKind {
     Stop,
     Restart,
@@ -243,7 +244,7 @@ impl Context {
         let watchdog = spawn_watchdog(&notifier);
         let refresher = spawn_status_refresher(notifier.clone(), handle.clone(), service.clone());
 
-        let kind = loop {
+        let mut kind = loop {
             match signals.next().await {
                 Signal::Reload => {
                     // serving → reloading → serving
@@ -296,9 +297,21 @@ impl Context {
             loop {
                 tokio::select! {
                     left = &mut wait => break left,
-                    s = signals.next() => if matches!(s, Signal::Stop) {
-                        tracing::warn!("second stop signal: closing every connection now");
-                        drain.begin(Duration::ZERO, Duration::ZERO);
+                    s = signals.next() => match (s, kind) {
+                        // A stop asked for during a restart's drain wins: the drain goes
+                        // on to its deadline, then the gateway exits instead of coming
+                        // back (re-executing in place would ignore the operator's stop).
+                        (Signal::Stop, StopKind::Restart) => {
+                            tracing::warn!("stop requested during the restart's drain: stopping instead of restarting");
+                            let _ = notifier.send(&["STATUS=draining for stop (asked during a restart)"]);
+                            kind = StopKind::Stop;
+                        }
+                        (Signal::Stop, StopKind::Stop) => {
+                            tracing::warn!("second stop signal: closing every connection now");
+                            drain.begin(Duration::ZERO, Duration::ZERO);
+                        }
+                        // Reloads and further restarts have nothing to do during a drain.
+                        _ => {}
                     },
                 }
             }
