@@ -420,8 +420,15 @@ impl DeliveryLedger {
                 .write(move |c| rows::set_result(c, &id, &stored, store::now_ms()))
                 .await
             {
-                tracing::error!(route = %row.route, delivery_id = %row.id,
-                    "cannot store the turn's outcome: {e}; it resumes at the next start");
+                if matches!(e, StoreError::WriterGone) {
+                    // The gateway is stopping (a graceful restart does this to every turn
+                    // its drain cut short): expected, not an error.
+                    tracing::warn!(route = %row.route, delivery_id = %row.id,
+                        "the turn's outcome came as the gateway stopped; it resumes at the next start");
+                } else {
+                    tracing::error!(route = %row.route, delivery_id = %row.id,
+                        "cannot store the turn's outcome: {e}; it resumes at the next start");
+                }
                 return;
             }
             if let Some(schedule) = row.route.strip_prefix("schedule:") {
