@@ -540,12 +540,13 @@ fn main() {
         let t = run(&gw, Load::SessionTurn, conns, secs, round);
         let r = run(&gw, Load::ResponseTurn, conns, secs, round);
         println!(
-            "         stored streamed response with previous_response_id {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors), gateway {:.1} us per request | {:.2} of the session turn's rate",
+            "         stored streamed response with previous_response_id {:>8.0} req/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors), gateway {:.1} us + load generator {:.1} us per request | {:.2} of the session turn's rate",
             r.rps,
             r.p50_ms,
             r.p99_ms,
             r.errors,
             r.gw_cpu_us,
+            r.client_cpu_us,
             r.rps / t.rps.max(1.0)
         );
         println!(

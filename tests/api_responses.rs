@@ -17,7 +17,7 @@ const KEY: &str = "responses-test-key-0123";
 const AUTH: (&str, &str) = ("Authorization", "Bearer responses-test-key-0123");
 
 /// The agent answers `<messages seen>|<system message or ->|<last message's text>`, or
-/// fails when that text is `fail`.
+/// fails when that text is `fail`, or takes 2 s when it is `slow`.
 fn config(extra: &str) -> String {
     let code = "import json,sys\n\
         msgs=json.load(sys.stdin)['messages']\n\
@@ -25,6 +25,7 @@ fn config(extra: &str) -> String {
         last=msgs[-1]['content']\n\
         last=last if isinstance(last,str) else ''.join(p.get('text','') for p in last)\n\
         if last=='fail':\n    sys.stderr.write('agent broke'); sys.exit(2)\n\
+        if last=='slow':\n    import time; time.sleep(2)\n\
         print(f'{len(msgs)}|{sysm}|{last}', end='')\n";
     format!(
         "[api]\nkeys = [\"{KEY}\"]\n{extra}[agent]\nbackend = \"command\"\ncommand = [\"python3\", \"-c\", {}]\n",
@@ -198,4 +199,49 @@ fn a_failing_agent_bad_input_and_the_pruning() {
         assert!(std::time::Instant::now() < end, "never pruned");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A streamed response's opening events wait a few milliseconds for a quick turn (to go
+/// out in one write), never for a slow one: `response.created` comes at once, the rest
+/// when the agent is done.
+#[test]
+fn a_slow_turn_streams_its_opening_events_at_once() {
+    use std::io::Read;
+    let setup = Setup::new("127.0.0.1:0", &config(""));
+    let (_gw, addr, _n) = start_api(&setup);
+    let mut c = Conn::open(addr).unwrap();
+    let body = json!({"input": "slow", "stream": true}).to_string();
+    let sent = std::time::Instant::now();
+    c.send(&format!(
+        "POST /v1/responses HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut created_at = None;
+    while !seen.ends_with(b"0\r\n\r\n") {
+        let n = c.r.read(&mut buf).expect("read the stream");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if created_at.is_none() && text.contains("event: response.created") {
+            created_at = Some(sent.elapsed());
+            assert!(
+                !text.contains("response.completed"),
+                "the opening came with the end: {text}"
+            );
+        }
+    }
+    let done_at = sent.elapsed();
+    let created_at = created_at.expect("a response.created event");
+    assert!(
+        created_at < Duration::from_millis(1000),
+        "response.created after {created_at:?}"
+    );
+    assert!(
+        done_at >= Duration::from_millis(1900),
+        "the agent takes 2 s, the stream ended after {done_at:?}"
+    );
+    assert!(String::from_utf8_lossy(&seen).contains("event: response.completed"));
 }

@@ -43,6 +43,23 @@ impl http_body::Body for ChannelBody {
 struct DrivenBody {
     rx: mpsc::Receiver<Bytes>,
     feed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The first piece, when it was read before the response was returned (`primed`).
+    first: Option<Bytes>,
+}
+
+impl DrivenBody {
+    fn poll_piece(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        if let Some(b) = self.first.take() {
+            return Poll::Ready(Some(b));
+        }
+        if let Some(f) = self.feed.as_mut()
+            && f.as_mut().poll(cx).is_ready()
+        {
+            // Its sender is dropped with it: what it sent is read, then the end.
+            self.feed = None;
+        }
+        self.rx.poll_recv(cx)
+    }
 }
 
 impl http_body::Body for DrivenBody {
@@ -53,28 +70,32 @@ impl http_body::Body for DrivenBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(f) = self.feed.as_mut()
-            && f.as_mut().poll(cx).is_ready()
-        {
-            // Its sender is dropped with it: what it sent is read, then the end.
-            self.feed = None;
-        }
-        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+        self.poll_piece(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
 
 /// A `text/event-stream` response fed by the future `feed` builds from a sender, driven
-/// by the body itself (see `DrivenBody`).
-pub fn driven<F, Fut>(feed: F) -> Response
+/// by the body itself (see `DrivenBody`). The feed runs first, for up to `wait`, until it
+/// sends its first piece: the response's head then goes out with that piece in one write,
+/// and a stream that is over by then (its feed sent everything at once) costs the client
+/// one wake-up.
+pub async fn primed<F, Fut>(feed: F, wait: Duration) -> Response
 where
     F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(64);
-    stream_response(Body::new(DrivenBody {
+    let mut body = DrivenBody {
         rx,
         feed: Some(Box::pin(feed(tx))),
-    }))
+        first: None,
+    };
+    let first = tokio::time::timeout(wait, std::future::poll_fn(|cx| body.poll_piece(cx))).await;
+    if let Ok(first) = first {
+        // `None`: the feed ended without a word; the body is then empty.
+        body.first = first;
+    }
+    stream_response(Body::new(body))
 }
 
 /// A `text/event-stream` response and the sender that feeds it. A send fails once the
@@ -153,8 +174,13 @@ pub struct Idle {
 
 impl Idle {
     pub fn new(every: Duration) -> Self {
+        Idle::first_after(every, every)
+    }
+
+    /// Resolves first after `first`, then after each `every` of silence.
+    pub fn first_after(first: Duration, every: Duration) -> Self {
         Idle {
-            sleep: Box::pin(tokio::time::sleep(every)),
+            sleep: Box::pin(tokio::time::sleep(first)),
             every,
         }
     }

@@ -625,12 +625,16 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
         .map_err(|b| busy(&b))?;
     let sessions = s.sessions.clone();
     let (shutdown, keepalive) = (s.shutdown.clone(), s.keepalive());
-    let mut response = sse::driven(move |tx| async move {
+    let feed = move |tx| async move {
         let stream = stream_response(meta, tx, drx, done_rx, shutdown, keepalive);
         // Refused after all (the limits changed since the check): the stream says so,
         // its answer having been dropped.
         let _ = tokio::join!(sessions.run_here(turn), stream);
-    });
+    };
+    // The stream sends its first piece within HOLD; the head waits for it. The bound is
+    // only a safety net: a near timer costs a wake-up of the runtime's timer, a far one
+    // nothing.
+    let mut response = sse::primed(feed, PRIMED_AT_MOST).await;
     echo(&mut response);
     Ok(response)
 }
@@ -676,10 +680,20 @@ impl Meta {
     }
 }
 
+/// How long a streamed response's opening events wait for the rest of a quick turn.
+/// Below what a person or a client notices, and far below a model's first token.
+const HOLD: Duration = Duration::from_millis(5);
+
+/// The longest a streamed response's head waits for its first piece (which comes within
+/// HOLD).
+const PRIMED_AT_MOST: Duration = Duration::from_secs(1);
+
 /// OpenAI's event sequence for one streamed response: created, in_progress, the message
 /// item and its text part opened, text deltas, then everything closed and `completed`;
 /// `response.failed` when the agent fails; an `error` event when the gateway stops first.
-/// A `: keepalive` comment after each `[api] keepalive` of silence.
+/// A `: keepalive` comment after each `[api] keepalive` of silence. The events written
+/// in the first HOLD go out together (with the head, see `sse::primed`): a turn done by
+/// then is one write.
 async fn stream_response(
     meta: Meta,
     tx: mpsc::Sender<Bytes>,
@@ -708,13 +722,12 @@ async fn stream_response(
         item_id,
         &Part { text: &empty },
     );
-    // The opening events go out as one piece.
-    if tx.send(Bytes::from(ev.take())).await.is_err() {
-        return;
-    }
+    // The opening events wait, up to HOLD, for what follows: a quick turn's whole stream
+    // then goes out in one write (one wake-up of the client instead of two or three).
+    let mut held = true;
     let notice = sse::restart_notice(shutdown);
     tokio::pin!(notice);
-    let mut idle = sse::Idle::new(keepalive);
+    let mut idle = sse::Idle::first_after(HOLD.min(keepalive), keepalive);
     let mut pieces_open = true;
     let result = loop {
         let out = tokio::select! {
@@ -722,6 +735,9 @@ async fn stream_response(
             d = drx.recv(), if pieces_open => match d {
                 Some(Piece::Text(t)) => {
                     ev.delta(item_id, &t);
+                    if held {
+                        continue;
+                    }
                     Bytes::from(ev.take())
                 }
                 // Reasoning and upstream events have no place in this stream.
@@ -739,7 +755,15 @@ async fn stream_response(
                 let _ = tx.send(Bytes::from(ev.take())).await;
                 return;
             }
-            () = idle.elapsed() => sse::keepalive_comment(),
+            () = idle.elapsed() => {
+                if held {
+                    // The turn takes longer: what is held goes out now.
+                    held = false;
+                    Bytes::from(ev.take())
+                } else {
+                    sse::keepalive_comment()
+                }
+            }
             () = tx.closed() => return,
         };
         if tx.send(out).await.is_err() {

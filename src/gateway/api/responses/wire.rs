@@ -185,7 +185,7 @@ impl View<'_> {
     }
 }
 
-const BUF: usize = 2048;
+const BUF: usize = 4096;
 
 /// Numbers the events of one stream and writes them (`event:` and `data:` lines), several
 /// into one buffer when they go out together. A response has one message item
