@@ -349,6 +349,27 @@ fn package_installs_serves_restarts_upgrades_and_purges_cleanly() {
         scrape.contains("hermes_gateway_supervisor{kind=\"systemd\"} 1"),
         "{scrape}"
     );
+    // The package's binary is a release build, where a route label once got lost (the
+    // debug builds of the other tests kept it): its requests are counted under their
+    // route templates, a templated one included, and none fell to `(unrouted)`.
+    sb.sh_ok("curl -sf http://127.0.0.1:8642/health");
+    sb.sh_ok(
+        "curl -sf -H 'content-type: application/json' -H 'X-Hermes-Session-Id: pkg-metrics' \
+         -d '{\"model\":\"hermes-agent\",\"messages\":[{\"role\":\"user\",\"content\":\"ping\"}]}' \
+         http://127.0.0.1:8642/v1/chat/completions",
+    );
+    sb.sh_ok("curl -sf http://127.0.0.1:8642/v1/sessions/pkg-metrics");
+    let scrape = sb.sh_ok("curl -sf http://127.0.0.1:9464/metrics");
+    for route in ["/health", "/v1/chat/completions", "/v1/sessions/{id}"] {
+        let series = format!(
+            "hermes_gateway_http_requests_total{{listener=\"api\",route=\"{route}\",status=\"200\"}} 1"
+        );
+        assert!(scrape.contains(&series), "{series} in:\n{scrape}");
+    }
+    assert!(
+        !scrape.contains("route=\"(unrouted)\",status=\"200\""),
+        "a request that was answered 200 counted as unrouted:\n{scrape}"
+    );
     let st: serde_json::Value =
         serde_json::from_str(&sb.exec_ok(&["hermes-gateway", "status", "--json"])).unwrap();
     let metrics = st["listeners"]
