@@ -116,4 +116,5 @@ if [ "$(id -u)" = 0 ] && command -v dh >/dev/null 2>&1; then
 fi
 
 # Library, binary and integration tests (benches are run by `cargo bench`, not here).
-cargo test --locked --lib --bins --tests -- --nocapture 2>&1
+# --no-fail-fast: one failing test binary does not hide what the others would say.
+cargo test --locked --no-fail-fast --lib --bins --tests -- --nocapture 2>&1
