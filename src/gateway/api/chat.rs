@@ -21,7 +21,7 @@ use super::{
 use crate::gateway::agents::{Reply, Usage};
 use crate::gateway::error::ApiError;
 use crate::gateway::ids::new_id;
-use crate::gateway::sessions::{Piece, Turn, TurnError, TurnKind};
+use crate::gateway::sessions::{self, Piece, Turn, TurnError, TurnKind};
 
 const ROLES: &[&str] = &[
     "system",
@@ -211,12 +211,7 @@ async fn completions_inner(
     let (done_tx, done_rx) = oneshot::channel();
     let created = unix_now();
     // The reply's pieces as they come, for a client that streams.
-    let (dtx, drx) = if stream {
-        let (tx, rx) = mpsc::unbounded_channel::<Piece>();
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
+    let (dtx, drx) = sessions::pieces(stream);
     let echo = SessionEcho {
         id: session_id.clone(),
         key: session_key.clone(),

@@ -102,6 +102,21 @@ pub enum Piece {
     Event { name: String, data: String },
 }
 
+/// The channel a streamed turn's pieces go through; none when the client does not stream.
+pub type Pieces = (
+    Option<mpsc::UnboundedSender<Piece>>,
+    Option<mpsc::UnboundedReceiver<Piece>>,
+);
+
+pub fn pieces(stream: bool) -> Pieces {
+    if stream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    }
+}
+
 impl From<Delta<'_>> for Piece {
     fn from(d: Delta<'_>) -> Self {
         match d {

@@ -35,7 +35,7 @@ use super::{
 use crate::gateway::agents::Reply;
 use crate::gateway::error::ApiError;
 use crate::gateway::ids::new_id;
-use crate::gateway::sessions::{Piece, Record, Turn, TurnError, TurnKind};
+use crate::gateway::sessions::{self, Piece, Record, Turn, TurnError, TurnKind};
 use crate::store::responses::{self, ResponseRow};
 use crate::store::{self, Store};
 
@@ -551,12 +551,7 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
     let mut turn_messages = placement.prefix;
     turn_messages.extend(messages);
     let (done_tx, done_rx) = oneshot::channel();
-    let (dtx, drx) = if req.stream {
-        let (tx, rx) = mpsc::unbounded_channel::<Piece>();
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
+    let (dtx, drx) = sessions::pieces(req.stream);
     let turn = Turn {
         run_id: id.clone(),
         session_id: placement.session.clone(),

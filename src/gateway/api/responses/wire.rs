@@ -248,12 +248,20 @@ impl Events {
         self.end();
     }
 
-    pub(super) fn part(&mut self, kind: &'static str, item_id: &str, part: &Part<'_>) {
-        self.begin(kind);
+    /// `,"item_id":ID,"output_index":0,"content_index":0,"KEY":` — what the part and text
+    /// events start with.
+    fn in_part(&mut self, item_id: &str, key: &[u8]) {
         self.buf.extend_from_slice(br#","item_id":"#);
         put_str(&mut self.buf, item_id);
         self.buf
-            .extend_from_slice(br#","output_index":0,"content_index":0,"part":"#);
+            .extend_from_slice(br#","output_index":0,"content_index":0,""#);
+        self.buf.extend_from_slice(key);
+        self.buf.extend_from_slice(b"\":");
+    }
+
+    pub(super) fn part(&mut self, kind: &'static str, item_id: &str, part: &Part<'_>) {
+        self.begin(kind);
+        self.in_part(item_id, b"part");
         part.write(&mut self.buf);
         self.end();
     }
@@ -261,10 +269,7 @@ impl Events {
     /// `response.output_text.delta`.
     pub(super) fn delta(&mut self, item_id: &str, delta: &str) {
         self.begin("response.output_text.delta");
-        self.buf.extend_from_slice(br#","item_id":"#);
-        put_str(&mut self.buf, item_id);
-        self.buf
-            .extend_from_slice(br#","output_index":0,"content_index":0,"delta":"#);
+        self.in_part(item_id, b"delta");
         put_str(&mut self.buf, delta);
         self.end();
     }
@@ -272,10 +277,7 @@ impl Events {
     /// `response.output_text.done`.
     pub(super) fn text_done(&mut self, item_id: &str, text: &JsonStr) {
         self.begin("response.output_text.done");
-        self.buf.extend_from_slice(br#","item_id":"#);
-        put_str(&mut self.buf, item_id);
-        self.buf
-            .extend_from_slice(br#","output_index":0,"content_index":0,"text":"#);
+        self.in_part(item_id, b"text");
         self.buf.extend_from_slice(&text.0);
         self.end();
     }
