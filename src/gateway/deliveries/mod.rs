@@ -36,6 +36,8 @@ pub use target::Target;
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// While a chat's turn runs, "typing…" is shown again this often.
 const TYPING_EVERY: Duration = Duration::from_millis(4500);
+/// How long a turn runs before its chat is shown "typing…".
+const TYPING_AFTER: Duration = Duration::from_millis(250);
 /// Deliveries pruned per commit.
 const PRUNE_BATCH: i64 = 500;
 
@@ -639,13 +641,20 @@ impl DeliveryLedger {
         let live = self.inner.sessions.runs().get(run_id)?;
         let outbox = self.outbox(&c.instance())?;
         Some(tokio::spawn(async move {
-            loop {
-                match live.phase() {
-                    Phase::Finished => return,
-                    Phase::Running => outbox.typing(&c).await,
-                    Phase::Queued => {}
+            // From when the turn runs (not while it waits behind the chat's previous one),
+            // and only once it has run for TYPING_AFTER: a quicker reply needs no
+            // "typing…", and most of a fast agent's are quicker (a request to the
+            // platform saved per message).
+            let mut phases = live.subscribe();
+            while live.phase() == Phase::Queued {
+                if phases.changed().await.is_err() {
+                    return;
                 }
-                // Telegram shows "typing…" for 5 s.
+            }
+            tokio::time::sleep(TYPING_AFTER).await;
+            // Telegram shows "typing…" for 5 s.
+            while live.phase() != Phase::Finished {
+                outbox.typing(&c).await;
                 tokio::time::sleep(TYPING_EVERY).await;
             }
         }))
