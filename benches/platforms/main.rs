@@ -5,7 +5,9 @@
 //! 64 keep-alive connections post signed webhooks of new messages (each answered 2xx only
 //! after its commit: the message, its run and its reply's delivery), and `GET /health` of
 //! the same binary runs in the same rounds for a ratio. The turns and replies behind the
-//! answers run in the background meanwhile, as in production.
+//! answers run in the background meanwhile, as in production; each round (a platform's,
+//! or `/health`'s) starts once the replies of the one before are all sent, so that none
+//! is measured against another's backlog.
 //!
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3), BENCH_CONNS
 //! (default 64), BENCH_PLATFORMS (a comma list, default all). `BENCH_INSTRUCTIONS=1` counts
