@@ -249,9 +249,16 @@ pub fn main(all: &[Platform]) {
             .join(", "),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    // Each round's requests are numbered apart from every other round's: the load
+    // generator counts from 0 on each connection every round, and a platform that builds
+    // its ids from that count (LINE's webhookEventId, Twilio's MessageSid) would otherwise
+    // repeat the round before's, which the gateway acknowledges as duplicates without a
+    // turn or a reply (a fast answer that is not what is measured).
+    let rounds_made = std::sync::atomic::AtomicU64::new(0);
     let make = |p: &Platform| -> Arc<MakeRequest> {
         let request = p.request;
-        Arc::new(move |conn, n, _| request(conn, n))
+        let offset = rounds_made.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 32;
+        Arc::new(move |conn, n, _| request(conn, offset + n))
     };
     measure(gw.api, conns, 1, health());
     for p in &platforms {
