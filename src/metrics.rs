@@ -53,6 +53,7 @@ pub struct Metrics {
     // store
     commit_duration: Histogram,
     commits: Counter,
+    checkpoint_duration: Histogram,
     store_errors: Family<L1, Counter>,
     // sessions and runs
     sessions_busy: Gauge,
@@ -155,6 +156,13 @@ impl Metrics {
             "store_commits",
             "Group commits of the store",
             commits.clone(),
+        );
+        let checkpoint_duration = Histogram::new(COMMIT_BUCKETS);
+        r.register_with_unit(
+            "store_checkpoint_duration",
+            "Duration of the WAL checkpoints, run beside the writer (none in a commit)",
+            Unit::Seconds,
+            checkpoint_duration.clone(),
         );
         let store_errors = Family::<L1, Counter>::default();
         r.register(
@@ -271,6 +279,7 @@ impl Metrics {
             last_drain,
             commit_duration,
             commits,
+            checkpoint_duration,
             store_errors,
             sessions_busy,
             runs_queued,
@@ -390,6 +399,12 @@ pub fn store_commit(took: Duration) {
     let Some(m) = m() else { return };
     m.commit_duration.observe(took.as_secs_f64());
     m.commits.inc();
+}
+
+/// A WAL checkpoint, done.
+pub fn store_checkpoint(took: Duration) {
+    let Some(m) = m() else { return };
+    m.checkpoint_duration.observe(took.as_secs_f64());
 }
 
 /// A write the database refused: `full`, `io`, `busy`, `readonly` or `other`.

@@ -1,5 +1,5 @@
 //! LINE: `POST /platforms/line/bench`, each request one text message event of its own
-//! `webhookEventId`, signed (`X-Line-Signature`, base64 HMAC-SHA256 of the body with the
+//! `webhookEventId` (a ULID, as LINE's are), signed (`X-Line-Signature`, base64 HMAC-SHA256 of the body with the
 //! channel secret) by the client. A connection speaks for one user, a new one every
 //! [`PER_CONVERSATION`] messages.
 
@@ -9,8 +9,9 @@ use http_body_util::Full;
 use hyper::Request;
 use hyper::body::Bytes;
 use sha2::Sha256;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::run::{PER_CONVERSATION, Platform};
+use super::run::{PER_CONVERSATION, Platform, random_part};
 
 const SECRET: &str = "bench-channel-secret";
 
@@ -27,10 +28,27 @@ fn config(base: &str) -> String {
     )
 }
 
+/// A `webhookEventId` as LINE makes them: a ULID, 26 Crockford base32 digits of the time
+/// in milliseconds (48 bits) then 80 random bits, so that they sort by time.
+fn ulid(conn: usize, n: u64) -> String {
+    const DIGITS: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let v = (ms & 0xffff_ffff_ffff) << 80
+        | u128::from(random_part(conn, n)) << 16
+        | (conn as u128 & 0xffff);
+    (0..26)
+        .rev()
+        .map(|i| char::from(DIGITS[(v >> (5 * i)) as usize & 31]))
+        .collect()
+}
+
 fn request(conn: usize, n: u64) -> http::Result<Request<Full<Bytes>>> {
     let user = format!("U{conn:08x}{:024x}", n / PER_CONVERSATION);
+    let event = ulid(conn, n);
     let body = format!(
-        r#"{{"destination":"U0123456789abcdef0123456789abcdef","events":[{{"type":"message","mode":"active","timestamp":1767225600000,"source":{{"type":"user","userId":"{user}"}},"webhookEventId":"01HBENCH{conn:06}{n:012}","deliveryContext":{{"isRedelivery":false}},"replyToken":"r","message":{{"id":"{n}","type":"text","quoteToken":"q","text":"bench message {n} from connection {conn}"}}}}]}}"#
+        r#"{{"destination":"U0123456789abcdef0123456789abcdef","events":[{{"type":"message","mode":"active","timestamp":1767225600000,"source":{{"type":"user","userId":"{user}"}},"webhookEventId":"{event}","deliveryContext":{{"isRedelivery":false}},"replyToken":"r","message":{{"id":"{n}","type":"text","quoteToken":"q","text":"bench message {n} from connection {conn}"}}}}]}}"#
     );
     let mut m = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac key");
     m.update(body.as_bytes());

@@ -32,6 +32,27 @@ pub struct Platform {
 /// (people write a few messages each; the sessions stay a few thousand).
 pub const PER_CONVERSATION: u64 = 8;
 
+/// The conversation of connection `conn`'s `n`-th request: each connection holds one at a
+/// time, so that 64 connections are 64 chats waiting on their turns, as many users are.
+/// (When consecutive requests of all connections shared a conversation instead, their
+/// turns queued behind each other in a handful of sessions, and the work behind the 200s
+/// lagged until the round ended: a lighter load than production's.)
+pub fn conversation(conn: usize, n: u64) -> u64 {
+    ((conn as u64) << 40) | (n / PER_CONVERSATION)
+}
+
+/// A number that looks random, and differs for every `(conn, n)`: the part of the ids
+/// that Slack (`event_id`), Meta (`wamid`) and Twilio (`MessageSid`) draw at random. Ids
+/// in the order they are made would land at the tail of the gateway's index of the
+/// platforms' ids, each commit in one page of it; real ones land anywhere.
+pub fn random_part(conn: usize, n: u64) -> u64 {
+    // splitmix64's finaliser: a bijection, so distinct inputs never collide.
+    let mut z = ((conn as u64) << 48 ^ n).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 struct Gateway {
     child: Child,
     api: SocketAddr,

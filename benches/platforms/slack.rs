@@ -1,6 +1,7 @@
 //! Slack: `app_mention`-free direct messages (`message`, `channel_type = im`) posted as
 //! the Events API does, each with its own `event_id`, signed with the signing secret
-//! (`X-Slack-Signature: v0=` HMAC-SHA256 of `v0:TIMESTAMP:BODY`).
+//! (`X-Slack-Signature: v0=` HMAC-SHA256 of `v0:TIMESTAMP:BODY`). A connection speaks for
+//! one DM, a new one every [`super::run::PER_CONVERSATION`] messages.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,7 +13,7 @@ use hyper::body::Bytes;
 use serde_json::json;
 use sha2::Sha256;
 
-use super::run::{PER_CONVERSATION, Platform};
+use super::run::{Platform, conversation, random_part};
 
 const SECRET: &str = "bench-signing-secret";
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -30,16 +31,16 @@ fn config(base: &str) -> String {
     )
 }
 
-fn request(_conn: usize, _n: u64) -> http::Result<Request<Full<Bytes>>> {
+fn request(conn: usize, n: u64) -> http::Result<Request<Full<Bytes>>> {
     let id = SEQ.fetch_add(1, Ordering::Relaxed);
-    let chat = id / PER_CONVERSATION;
+    let chat = conversation(conn, n);
     let body = json!({
         "token": "unused", "team_id": "T0BENCH", "api_app_id": "A0BENCH",
         "event": {"type": "message", "channel_type": "im", "channel": format!("D{chat:08}"),
             "user": format!("U{chat:08}"), "text": format!("message {id} of the benchmark"),
             "ts": format!("1700000000.{id:06}"), "event_ts": format!("1700000000.{id:06}"),
             "team": "T0BENCH"},
-        "type": "event_callback", "event_id": format!("Ev{id:010}"), "event_time": 1_700_000_000,
+        "type": "event_callback", "event_id": format!("Ev{:016X}", random_part(conn, n)), "event_time": 1_700_000_000,
         "authorizations": [{"team_id": "T0BENCH", "user_id": "U0BOT", "is_bot": true}],
     })
     .to_string();

@@ -11,7 +11,7 @@ use hyper::Request;
 use hyper::body::Bytes;
 use sha1::Sha1;
 
-use super::run::{PER_CONVERSATION, Platform};
+use super::run::{PER_CONVERSATION, Platform, random_part};
 
 const SID: &str = "AC0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "9f86d081884c7d659a2feaa0c55ad015";
@@ -31,7 +31,11 @@ fn config(base: &str) -> String {
 }
 
 fn request(conn: usize, n: u64) -> http::Result<Request<Full<Bytes>>> {
-    let sid = format!("SM{conn:08x}{n:024x}");
+    let sid = format!(
+        "SM{:016x}{:016x}",
+        random_part(conn, n),
+        random_part(conn, !n)
+    );
     let from = format!("+1{:03}{:07}", 200 + conn, n / PER_CONVERSATION);
     let text = format!("bench message {n} from connection {conn}");
     let mut params: Vec<(&str, &str)> = vec![

@@ -1,6 +1,7 @@
 //! WhatsApp Cloud API: `messages` webhooks of one text message each, as Meta posts them,
 //! each with its own `wamid`, signed with the app secret (`X-Hub-Signature-256: sha256=`
-//! HMAC-SHA256 of the body).
+//! HMAC-SHA256 of the body). A connection speaks for one number, a new one every
+//! [`super::run::PER_CONVERSATION`] messages.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,7 +12,7 @@ use hyper::body::Bytes;
 use serde_json::json;
 use sha2::Sha256;
 
-use super::run::{PER_CONVERSATION, Platform};
+use super::run::{Platform, conversation, random_part};
 
 const SECRET: &str = "bench-app-secret";
 const PHONE_ID: &str = "106540352242922";
@@ -30,16 +31,16 @@ fn config(base: &str) -> String {
     )
 }
 
-fn request(_conn: usize, _n: u64) -> http::Result<Request<Full<Bytes>>> {
+fn request(conn: usize, n: u64) -> http::Result<Request<Full<Bytes>>> {
     let id = SEQ.fetch_add(1, Ordering::Relaxed);
-    let from = format!("{}", 15_550_000_000u64 + id / PER_CONVERSATION);
+    let from = format!("{}", 15_550_000_000u64 + conversation(conn, n));
     let body = json!({
         "object": "whatsapp_business_account",
         "entry": [{"id": "102290129340398", "changes": [{"field": "messages", "value": {
             "messaging_product": "whatsapp",
             "metadata": {"display_phone_number": "15550100000", "phone_number_id": PHONE_ID},
             "contacts": [{"profile": {"name": "Bench"}, "wa_id": from}],
-            "messages": [{"from": from, "id": format!("wamid.BENCH{id:012}"),
+            "messages": [{"from": from, "id": format!("wamid.HBgL{:016x}{:016x}", random_part(conn, n), id),
                 "timestamp": "1700000000", "type": "text",
                 "text": {"body": format!("message {id} of the benchmark")}}]}}]}],
     })

@@ -203,6 +203,78 @@ async fn reads_see_the_same_session_before_and_after_the_log_is_folded() {
 }
 
 #[tokio::test]
+async fn folding_the_log_a_slice_at_a_time_changes_nothing_a_reader_sees() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    // Three sessions' turns interleaved, as a busy writer logs them: 12 messages.
+    for i in 0..6i64 {
+        let id = ["a", "b", "c"][(i % 3) as usize];
+        let m = vec![format!("{{\"n\":{i}}}"), format!("{{\"r\":{i}}}")];
+        s.write(move |c| sessions::append(c, id, &m, None, 10 * (i + 1)))
+            .await
+            .unwrap();
+    }
+    let read = |s: Store| async move {
+        s.read(|c| {
+            let mut all = Vec::new();
+            for id in ["a", "b", "c"] {
+                all.push((
+                    sessions::get(c, id)?.map(|r| (r.created_at, r.updated_at, r.messages)),
+                    sessions::history(c, id, 3)?,
+                    sessions::history_until(c, id, 3, 10)?,
+                ));
+            }
+            Ok((all, sessions::count(c)?))
+        })
+        .await
+        .unwrap()
+    };
+    let before = read(s.clone()).await;
+    assert_eq!(before.1, 3);
+    assert_eq!(before.0[0].0, Some((10, 40, 4)));
+    // Slices of 5 leave sessions half folded in between.
+    let mut moved = Vec::new();
+    loop {
+        let (n, empty) = s.write(|c| sessions::fold_oldest(c, 5)).await.unwrap();
+        moved.push(n);
+        assert_eq!(read(s.clone()).await, before, "after slices of {moved:?}");
+        if empty {
+            break;
+        }
+    }
+    assert_eq!(moved, [5, 5, 2]);
+    let (in_log, next): (i64, i64) = s
+        .read(|c| {
+            Ok((
+                logged(c)?,
+                c.query_row("SELECT count(*) FROM turn_log_next", [], |r| r.get(0))?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (in_log, next),
+        (0, 0),
+        "nothing of any session is left in the log"
+    );
+    // A half-folded session goes on numbering from where it was.
+    s.write(|c| sessions::append(c, "x", &vec!["{}".to_owned(); 3], None, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.write(|c| sessions::fold_oldest(c, 2)).await.unwrap(),
+        (2, false)
+    );
+    let first = s
+        .write(|c| sessions::append_at(c, "x", &["{}".into()], None, 2))
+        .await
+        .unwrap();
+    assert_eq!(first, 3, "numbering goes on after a partial fold");
+    let row = s.read(|c| sessions::get(c, "x")).await.unwrap().unwrap();
+    assert_eq!((row.created_at, row.updated_at, row.messages), (1, 2, 4));
+}
+
+#[tokio::test]
 async fn a_session_only_in_the_log_is_found_and_deleted() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open_folding(d.path(), None).unwrap();
@@ -219,6 +291,50 @@ async fn a_session_only_in_the_log_is_found_and_deleted() {
         "nothing left to fold"
     );
     assert_eq!(s.read(sessions::count).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_long_wal_is_checkpointed_beside_the_writer_and_commits_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let db = dir.path().join(DB_FILE);
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let before = size(&db);
+    let checkpoints = || {
+        let text = crate::metrics::encode(false).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("hermes_gateway_store_checkpoint_duration_seconds_count "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let done_before = checkpoints();
+    // Well past checkpoint::PAGES pages of WAL, in commits of their own, none waiting.
+    let page = "x".repeat(3000);
+    for i in 0..(2 * checkpoint::PAGES) {
+        let m = vec![format!("{{\"n\":{i},\"pad\":\"{page}\"}}")];
+        s.write(move |c| sessions::append(c, "big", &m, None, i64::from(i)))
+            .await
+            .unwrap();
+    }
+    // The pages reach the database file without a close or a fold, checkpointed by the
+    // checkpoint thread (the only one that counts them).
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while size(&db) < before + 1_000 * 4096 || checkpoints() == done_before {
+        assert!(
+            std::time::Instant::now() < end,
+            "the database file stayed at {} bytes",
+            size(&db)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n = s
+        .read(|c| sessions::get(c, "big"))
+        .await
+        .unwrap()
+        .map(|r| r.messages);
+    assert_eq!(n, Some(i64::from(2 * checkpoint::PAGES)));
+    // And it stops with the writer.
+    s.close();
 }
 
 #[tokio::test]
@@ -389,6 +505,11 @@ async fn a_fold_without_foreign_key_checks_leaves_them_on_and_deletes_still_casc
         .await
         .unwrap();
     assert!(fk, "foreign keys are checked again after the fold");
+    let sync: i64 = s
+        .write(|c| c.pragma_query_value(None, "synchronous", |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(sync, 2, "commits are synced in full again after the fold");
     assert!(s.write(|c| sessions::delete(c, "s")).await.unwrap());
     let left: i64 = s
         .read(|c| c.query_row("SELECT count(*) FROM messages", [], |r| r.get(0)))
