@@ -138,16 +138,20 @@ pub fn set_result(conn: &Connection, id: &str, result: &str, now: i64) -> rusqli
     Ok(())
 }
 
+/// An attempt begins: the `attempts`-th. `result`: the turn's outcome, when it is not
+/// stored yet (the first attempt stores it with its mark).
 pub fn set_attempting(
     conn: &Connection,
     id: &str,
     attempts: i64,
+    result: Option<&str>,
     now: i64,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "UPDATE deliveries SET state = 'attempting', attempts = ?2, updated_at = ?3 WHERE id = ?1",
+        "UPDATE deliveries SET state = 'attempting', attempts = ?2, updated_at = ?3,
+         result = coalesce(?4, result) WHERE id = ?1",
     )?
-    .execute(params![id, attempts, now])?;
+    .execute(params![id, attempts, now, result])?;
     Ok(())
 }
 

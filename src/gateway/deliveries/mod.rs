@@ -386,6 +386,8 @@ impl DeliveryLedger {
         // Resumed in the middle of an attempt: the gateway stopped while it was sending.
         let cut_short = row.state == "attempting";
         let target = Target::from_json(&row.target);
+        // The turn's outcome, until a commit stores it.
+        let mut unstored: Option<String> = None;
         if row.state == "received" {
             let typing = match &target {
                 Target::Chat(c) => self.show_typing(c.clone(), &row.run_id),
@@ -413,26 +415,11 @@ impl DeliveryLedger {
                     delivery_id = %row.id, "turn {}: the reply goes out next",
                     outcome["status"].as_str().unwrap_or("finished"));
             }
+            // Stored with the first attempt's mark, not in a commit of its own: until then
+            // the delivery stays `received`, and one resumed so reads it from its run
+            // again, which stored it when it finished.
             let text = outcome.to_string();
-            let id = row.id.clone();
-            let stored = text.clone();
-            if let Err(e) = self
-                .inner
-                .store
-                .write(move |c| rows::set_result(c, &id, &stored, store::now_ms()))
-                .await
-            {
-                if matches!(e, StoreError::WriterGone) {
-                    // The gateway is stopping (a graceful restart does this to every turn
-                    // its drain cut short): expected, not an error.
-                    tracing::warn!(route = %row.route, delivery_id = %row.id,
-                        "the turn's outcome came as the gateway stopped; it resumes at the next start");
-                } else {
-                    tracing::error!(route = %row.route, delivery_id = %row.id,
-                        "cannot store the turn's outcome: {e}; it resumes at the next start");
-                }
-                return;
-            }
+            unstored = Some(text.clone());
             if let Some(schedule) = row.route.strip_prefix("schedule:") {
                 let status = match outcome["status"].as_str() {
                     Some("completed") => "completed",
@@ -457,9 +444,13 @@ impl DeliveryLedger {
                 None => {
                     let id = row.id.clone();
                     let now = store::now_ms();
-                    self.inner
-                        .store
-                        .write_detached("delivery done", move |c| rows::set_delivered(c, &id, now));
+                    let outcome = unstored.take();
+                    self.inner.store.write_detached("delivery done", move |c| {
+                        if let Some(o) = &outcome {
+                            rows::set_result(c, &id, o, now)?;
+                        }
+                        rows::set_delivered(c, &id, now)
+                    });
                     tracing::info!(platform = %c.platform, chat_id = %c.chat_id, delivery_id = %row.id,
                         run_id = %row.run_id, "turn cancelled: no reply to send");
                     return;
@@ -497,9 +488,10 @@ impl DeliveryLedger {
             let _sending = Sending(&self.inner);
             let s = self.settings();
             attempts += 1;
-            let (id, n) = (row.id.clone(), attempts);
-            let mark =
-                move |c: &rusqlite::Connection| rows::set_attempting(c, &id, n, store::now_ms());
+            let (id, n, outcome) = (row.id.clone(), attempts, unstored.clone());
+            let mark = move |c: &rusqlite::Connection| {
+                rows::set_attempting(c, &id, n, outcome.as_deref(), store::now_ms())
+            };
             // A chat reply is on record as being sent before it is: a restart in the middle
             // then re-sends it marked as possibly repeated, never silently twice.
             let marked = match &chat {
@@ -509,6 +501,9 @@ impl DeliveryLedger {
                     Ok(())
                 }
             };
+            if marked.is_ok() {
+                unstored = None;
+            }
             let sent = match (&chat, marked) {
                 (_, Err(e)) => Err(SendError::Transient(format!(
                     "cannot record the attempt before sending: {e}"

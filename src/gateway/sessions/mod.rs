@@ -780,12 +780,15 @@ impl Sessions {
         }
         let started = Instant::now();
         {
+            // The run's start and its event, in one job.
+            let ev = live.push("run.started", obj(json!({ "attempt": attempt })));
             let id = run_id.clone();
             self.inner.store.write_detached("run start", move |c| {
-                runs::set_running(c, &id, attempt, store::now_ms())
+                let now = store::now_ms();
+                runs::set_running(c, &id, attempt, now)?;
+                runs::append_event(c, &id, &ev, now)
             });
         }
-        self.emit(&live, "run.started", obj(json!({ "attempt": attempt })));
         tracing::info!(session_key = %skey, run_id = %run_id, "run started (attempt {attempt})");
 
         let mut recent = None;
