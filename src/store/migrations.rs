@@ -186,6 +186,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL;
     CREATE INDEX deliveries_run ON deliveries (run_id);
     "#,
+    // 10: no query ever looked runs up by session, and every run's insert wrote a page of
+    // this index at its session's place: one more page per chat in every commit.
+    r#"
+    DROP INDEX IF EXISTS runs_session;
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -51,6 +51,9 @@ pub const FOLD_EVERY: Duration = Duration::from_millis(500);
 /// ms (the p99 of a platform's acknowledgements), 512 take 2–5.
 const FOLD_SLICE: i64 = 512;
 
+/// Bytes of WAL file kept when it starts over (see `checkpoint`).
+const WAL_KEPT: i64 = 64 << 20;
+
 /// At most this many jobs share one commit.
 const MAX_BATCH: usize = 512;
 /// Read connections: async reads wait for one of these rather than open another (opening
@@ -181,10 +184,15 @@ impl Store {
         }
         let mut conn = Connection::open(&path).map_err(open_err)?;
         configure(&conn).map_err(open_err)?;
+        conn.busy_handler(Some(writer_busy)).map_err(open_err)?;
         // WAL: readers never wait for the writer. FULL: a commit is on disk when acknowledged.
         conn.pragma_update(None, "journal_mode", "wal")
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "full")
+            .map_err(open_err)?;
+        // A WAL that a burst made long is cut back to this when it starts over (it keeps
+        // its length otherwise, the disk space with it).
+        conn.pragma_update(None, "journal_size_limit", WAL_KEPT)
             .map_err(open_err)?;
         migrations::apply(&mut conn, &path)?;
         // What the last run logged and did not fold (it was killed, say).
@@ -520,6 +528,29 @@ fn create(path: &Path) -> Result<(), StoreError> {
             .map_err(io)?;
     }
     Ok(())
+}
+
+/// The writer's wait for a lock another connection holds (the checkpointer starting the
+/// WAL over, another process): polls every 100 µs, for 5 s at most like the others'
+/// `busy_timeout`. SQLite's own timeout sleeps 1, 2, 5, 10… ms between tries, so a lock
+/// held for one millisecond cost the writer (and every commit queued behind it) up to 8.
+fn writer_busy(tries: i32) -> bool {
+    const STEP: Duration = Duration::from_micros(100);
+    const AT_MOST: Duration = Duration::from_secs(5);
+    thread_local! {
+        static SINCE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let since = SINCE.with(|s| {
+        if tries == 0 || s.get().is_none() {
+            s.set(Some(Instant::now()));
+        }
+        s.get()
+    });
+    if since.is_some_and(|t| t.elapsed() >= AT_MOST) {
+        return false;
+    }
+    std::thread::sleep(STEP);
+    true
 }
 
 fn writer_loop(
