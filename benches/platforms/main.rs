@@ -10,7 +10,9 @@
 //! is measured against another's backlog.
 //!
 //! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3), BENCH_CONNS
-//! (default 64), BENCH_PLATFORMS (a comma list, default all). `BENCH_INSTRUCTIONS=1` counts
+//! (default 64), BENCH_PLATFORMS (a comma list, default all), BENCH_BASELINE (an older
+//! hermes-gateway binary, measured beside this one in the same rounds, with the ratios of
+//! rate and p99). `BENCH_INSTRUCTIONS=1` counts
 //! instead the gateway's instructions per message under callgrind (valgrind), which the
 //! machine's load does not change, optionally beside `BENCH_BASELINE=/path/to/hermes-gateway`.
 //!

@@ -261,14 +261,26 @@ pub fn main(all: &[Platform]) {
     let sections: String = platforms.iter().map(|p| (p.config)(&base)).collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = start(dir.path(), &sections);
+    // `BENCH_BASELINE=/path/to/an/older/hermes-gateway`: that binary too, its own state,
+    // measured in the same rounds (in turn first and second), for ratios.
+    let baseline = std::env::var("BENCH_BASELINE").ok().map(|bin| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = start_under(dir.path(), &sections, &bin, &[]);
+        (dir, gw)
+    });
     println!(
-        "hermes-gateway platform benchmark: {}; {conns} keep-alive connections, {rounds} rounds of {secs}s, signed webhooks of new messages (200 after commit), {PER_CONVERSATION} messages per conversation, echo agent, replies to a stub API, log level warn, {} CPUs",
+        "hermes-gateway platform benchmark: {}; {conns} keep-alive connections, {rounds} rounds of {secs}s, signed webhooks of new messages (200 after commit), {PER_CONVERSATION} messages per conversation, echo agent, replies to a stub API, log level warn, {} CPUs{}",
         platforms
             .iter()
             .map(|p| p.name)
             .collect::<Vec<_>>()
             .join(", "),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if baseline.is_some() {
+            "; beside the baseline binary, in the same rounds"
+        } else {
+            ""
+        }
     );
     // Each round's requests are numbered apart from every other round's: the load
     // generator counts from 0 on each connection every round, and a platform that builds
@@ -281,24 +293,35 @@ pub fn main(all: &[Platform]) {
         let offset = rounds_made.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 32;
         Arc::new(move |conn, n, _| request(conn, offset + n))
     };
-    measure(gw.api, conns, 1, health());
-    for p in &platforms {
-        measure(gw.hook, conns, 1, make(p));
-    }
     // The replies behind a round's 200s are still being sent when it ends; each round
     // starts once they are, so that none is measured against the one before's work.
-    let db = dir.path().join("state/gateway.db");
-    let settle = || {
+    let settle = |db: &Path| {
         let t = Instant::now();
-        while open_deliveries(&db) > 0 && t.elapsed() < Duration::from_secs(600) {
+        while open_deliveries(db) > 0 && t.elapsed() < Duration::from_secs(600) {
             std::thread::sleep(Duration::from_millis(100));
         }
         t.elapsed()
     };
-    settle();
+    let db = dir.path().join("state/gateway.db");
+    let gateways: Vec<(&Gateway, std::path::PathBuf)> = std::iter::once((&gw, db.clone()))
+        .chain(
+            baseline
+                .iter()
+                .map(|(d, g)| (g, d.path().join("state/gateway.db"))),
+        )
+        .collect();
+    for (g, db) in &gateways {
+        measure(g.api, conns, 1, health());
+        for p in &platforms {
+            measure(g.hook, conns, 1, make(p));
+        }
+        settle(db);
+    }
     let mut healths = Vec::new();
     let mut settled = Vec::new();
     let mut results: Vec<Vec<Outcome>> = platforms.iter().map(|_| Vec::new()).collect();
+    // Per platform, this binary's rate and p99 over the baseline's, round by round.
+    let mut ratios: Vec<Vec<(f64, f64)>> = platforms.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         let h = measure(gw.api, conns, secs, health());
         let mut line = format!(
@@ -306,8 +329,25 @@ pub fn main(all: &[Platform]) {
             h.rps, h.p99_ms
         );
         for (i, p) in platforms.iter().enumerate() {
-            let o = measure(gw.hook, conns, secs, make(p));
-            settled.push(settle());
+            let mut this = None;
+            let mut base = None;
+            // In turn first and second, so that neither always follows the other's work.
+            let order: Vec<usize> = if round % 2 == 1 {
+                (0..gateways.len()).collect()
+            } else {
+                (0..gateways.len()).rev().collect()
+            };
+            for k in order {
+                let (g, db) = &gateways[k];
+                let o = measure(g.hook, conns, secs, make(p));
+                settled.push(settle(db));
+                if k == 0 {
+                    this = Some(o);
+                } else {
+                    base = Some(o);
+                }
+            }
+            let Some(o) = this else { continue };
             line.push_str(&format!(
                 " | {} {:>6.0}/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors, {:.1} % of /health)",
                 p.name,
@@ -317,6 +357,13 @@ pub fn main(all: &[Platform]) {
                 o.errors,
                 100.0 * o.rps / h.rps
             ));
+            if let Some(b) = base {
+                line.push_str(&format!(
+                    " [baseline {:>6.0}/s p99 {:>5.2} ms]",
+                    b.rps, b.p99_ms
+                ));
+                ratios[i].push((o.rps / b.rps.max(1.0), o.p99_ms / b.p99_ms.max(0.001)));
+            }
             results[i].push(o);
         }
         println!("{line}");
@@ -324,15 +371,24 @@ pub fn main(all: &[Platform]) {
     }
     let h = median(healths.iter().map(|o| o.rps).collect());
     println!("median: GET /health {h:.0} req/s");
-    for (p, r) in platforms.iter().zip(&results) {
+    for ((p, r), q) in platforms.iter().zip(&results).zip(&ratios) {
         let rps = median(r.iter().map(|o| o.rps).collect());
         println!(
-            "median: {} {rps:.0} messages/s acknowledged after commit, p50 {:.2} ms, p99 {:.2} ms, {:.1} % of /health, {} errors (target >= 5000/s, p99 <= 25 ms)",
+            "median: {} {rps:.0} messages/s acknowledged after commit, p50 {:.2} ms, p99 {:.2} ms, {:.1} % of /health, {} errors (target >= 5000/s, p99 <= 25 ms){}",
             p.name,
             median(r.iter().map(|o| o.p50_ms).collect()),
             median(r.iter().map(|o| o.p99_ms).collect()),
             100.0 * rps / h,
             r.iter().map(|o| o.errors).sum::<u64>(),
+            if q.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " | this / baseline: rate {:.2}, p99 {:.2} (medians of the rounds' ratios)",
+                    median(q.iter().map(|x| x.0).collect()),
+                    median(q.iter().map(|x| x.1).collect())
+                )
+            }
         );
     }
     // The work behind the 200s: how long it took, after each round, until every turn ran
