@@ -4,10 +4,9 @@
 //! turn of a group commit writes to the same few pages at its tail, so a commit writes a
 //! handful of pages whatever the number of sessions in it. `turn_log_next` holds, for each
 //! session in the log, the next `seq` (one row per session: a few pages). [`fold`] moves
-//! the log into `messages` and `sessions` in one statement each, so that each session's
-//! pages are written once per fold rather than once per turn. The writer folds the oldest
-//! `FOLD_SLICE` messages at a time ([`fold_oldest`]) once the log holds that many
-//! or [`super::FOLD_EVERY`] has passed, and the whole log when idle, at open and at close.
+//! the log into `messages` and `sessions` in one statement each; the writer runs it every
+//! [`super::FOLD_EVERY`] (and at open and close), so that each session's pages are
+//! written once per fold rather than once per turn.
 //!
 //! Every read here sees the log and the folded tables together, so a fold changes nothing
 //! a reader can observe. A read of a session that `turn_log_next` does not list touches
@@ -39,65 +38,34 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
 /// Moves every logged message into `messages`, and the sessions' counts and times into
 /// `sessions`. Runs inside the caller's transaction. Returns the messages moved.
 pub fn fold(conn: &Connection) -> rusqlite::Result<usize> {
-    fold_oldest(conn, i64::MAX).map(|(moved, _)| moved)
-}
-
-/// [`fold`] of the oldest `at_most` messages of the log only: each fold holds the writer
-/// (and every commit behind it) for as long as it takes, so the writer folds a busy log in
-/// slices of a bounded length. A reader sees the same before and after either: a session's
-/// oldest logged messages are the ones moved, and it reads the log for the newest and the
-/// folded tables for the rest. Returns the messages moved and whether the log is now
-/// empty.
-pub fn fold_oldest(conn: &Connection, at_most: i64) -> rusqlite::Result<(usize, bool)> {
     // An empty log changes nothing: no page is touched, and a commit has nothing to sync
     // (clearing the empty table would still dirty its root page).
-    let (first, last): (Option<i64>, Option<i64>) = conn
-        .prepare_cached("SELECT min(id), max(id) FROM turn_log")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let (Some(first), Some(last)) = (first, last) else {
-        return Ok((0, true));
-    };
-    // Ids grow with each append: the oldest rows are those up to `upto`.
-    let upto = first.saturating_add(at_most.max(1) - 1).min(last);
-    // `WHERE id <= ?1`: an upsert after a SELECT needs a WHERE for the parser anyway.
+    let empty: bool = conn
+        .prepare_cached("SELECT NOT EXISTS (SELECT 1 FROM turn_log)")?
+        .query_row([], |r| r.get(0))?;
+    if empty {
+        return Ok(0);
+    }
+    // `WHERE true`: an upsert after a SELECT needs a WHERE for the parser.
     conn.prepare_cached(
         "INSERT INTO sessions (id, created_at, updated_at, messages)
          SELECT session_id, min(created_at), max(created_at), max(seq) + 1 FROM turn_log
-         WHERE id <= ?1 GROUP BY session_id
+         WHERE true GROUP BY session_id
          ON CONFLICT (id) DO UPDATE SET
              updated_at = max(updated_at, excluded.updated_at),
              messages = max(messages, excluded.messages)",
     )?
-    .execute([upto])?;
+    .execute([])?;
     let moved = conn
         .prepare_cached(
             "INSERT INTO messages (session_id, seq, message, run_id, created_at)
-             SELECT session_id, seq, message, run_id, created_at FROM turn_log
-             WHERE id <= ?1 ORDER BY id",
+             SELECT session_id, seq, message, run_id, created_at FROM turn_log ORDER BY id",
         )?
-        .execute([upto])?;
-    conn.prepare_cached("DELETE FROM turn_log WHERE id <= ?1")?
-        .execute([upto])?;
-    if upto == last {
-        conn.prepare_cached("DELETE FROM turn_log_next")?
-            .execute([])?;
-        return Ok((moved, true));
-    }
-    // A session whose logged messages all moved is in the log no more: its folded count
-    // has reached the next `seq` the log would give it.
-    conn.prepare_cached(
-        "DELETE FROM turn_log_next
-         WHERE next <= (SELECT messages FROM sessions WHERE id = turn_log_next.session_id)",
-    )?
-    .execute([])?;
-    Ok((moved, false))
-}
-
-/// The span of the log's ids: the number of messages in it, or more after a session's
-/// delete left a gap (two lookups, where a count would read the log).
-pub fn logged_span(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.prepare_cached("SELECT coalesce(max(id) - min(id) + 1, 0) FROM turn_log")?
-        .query_row([], |r| r.get(0))
+        .execute([])?;
+    conn.prepare_cached("DELETE FROM turn_log")?.execute([])?;
+    conn.prepare_cached("DELETE FROM turn_log_next")?
+        .execute([])?;
+    Ok(moved)
 }
 
 /// Sessions, most recently updated first. Call after a [`fold`] (the API's list does):
