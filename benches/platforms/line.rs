@@ -1,7 +1,7 @@
 //! LINE: `POST /platforms/line/bench`, each request one text message event of its own
 //! `webhookEventId` (a ULID, as LINE's are), signed (`X-Line-Signature`, base64 HMAC-SHA256 of the body with the
 //! channel secret) by the client. A connection speaks for one user, a new one every
-//! [`PER_CONVERSATION`] messages.
+//! [`super::run::PER_CONVERSATION`] messages.
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -11,7 +11,7 @@ use hyper::body::Bytes;
 use sha2::Sha256;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::run::{PER_CONVERSATION, Platform, random_part};
+use super::run::{Platform, conversation, random_part};
 
 const SECRET: &str = "bench-channel-secret";
 
@@ -45,7 +45,7 @@ fn ulid(conn: usize, n: u64) -> String {
 }
 
 fn request(conn: usize, n: u64) -> http::Result<Request<Full<Bytes>>> {
-    let user = format!("U{conn:08x}{:024x}", n / PER_CONVERSATION);
+    let user = format!("U{:032x}", conversation(conn, n));
     let event = ulid(conn, n);
     let body = format!(
         r#"{{"destination":"U0123456789abcdef0123456789abcdef","events":[{{"type":"message","mode":"active","timestamp":1767225600000,"source":{{"type":"user","userId":"{user}"}},"webhookEventId":"{event}","deliveryContext":{{"isRedelivery":false}},"replyToken":"r","message":{{"id":"{n}","type":"text","quoteToken":"q","text":"bench message {n} from connection {conn}"}}}}]}}"#

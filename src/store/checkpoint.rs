@@ -57,7 +57,7 @@ impl Checkpointer {
             .and_then(|c| {
                 super::configure(&c)?;
                 // Never waits for a lock: a checkpoint that would wait does what it can
-                // without (see `run`), so that the writer never waits behind it.
+                // without (see `checkpoint`), so that the writer never waits behind it.
                 c.busy_timeout(Duration::ZERO)?;
                 Ok(c)
             })
@@ -101,8 +101,7 @@ fn run(conn: &Connection, rx: &mpsc::Receiver<Ask>) {
             }
         }
         last = Instant::now();
-        let done = checkpoint(conn);
-        match done {
+        match checkpoint(conn) {
             Ok((frames, copied)) => {
                 crate::metrics::store_checkpoint(last.elapsed());
                 if failing.take().is_some() {
@@ -135,16 +134,16 @@ fn run(conn: &Connection, rx: &mpsc::Receiver<Ask>) {
 /// next ask. (The writer's next commit then finds the lock taken for that instant and
 /// retries, as it would for a reader.)
 fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
-    let run = |mode: &str| {
+    let pragma = |mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         })
     };
-    let (frames, copied) = run("PASSIVE")?;
+    let (frames, copied) = pragma("PASSIVE")?;
     if frames < RESTART_AT {
         return Ok((frames, copied));
     }
-    match run("RESTART") {
+    match pragma("RESTART") {
         Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
             Ok((frames, copied))
         }

@@ -153,8 +153,11 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How long a connection waits for a lock another holds before it gives up (busy).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     // Savepoint and statement journals, sorters: in memory. On disk, folding the turn log
     // (a savepoint holding a few hundred pages) cost as many writes to a temporary file.
@@ -533,22 +536,22 @@ fn create(path: &Path) -> Result<(), StoreError> {
 }
 
 /// The writer's wait for a lock another connection holds (the checkpointer starting the
-/// WAL over, another process): polls every 100 µs, for 5 s at most like the others'
-/// `busy_timeout`. SQLite's own timeout sleeps 1, 2, 5, 10… ms between tries, so a lock
+/// WAL over, another process): polls every 100 µs, for [`BUSY_TIMEOUT`] at most like the
+/// other connections. SQLite's own timeout sleeps 1, 2, 5, 10… ms between tries, so a lock
 /// held for one millisecond cost the writer (and every commit queued behind it) up to 8.
 fn writer_busy(tries: i32) -> bool {
     const STEP: Duration = Duration::from_micros(100);
-    const AT_MOST: Duration = Duration::from_secs(5);
     thread_local! {
         static SINCE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
     }
+    // SQLite counts the tries of each wait from 0.
     let since = SINCE.with(|s| {
-        if tries == 0 || s.get().is_none() {
+        if tries == 0 {
             s.set(Some(Instant::now()));
         }
         s.get()
     });
-    if since.is_some_and(|t| t.elapsed() >= AT_MOST) {
+    if since.is_none_or(|t| t.elapsed() >= BUSY_TIMEOUT) {
         return false;
     }
     std::thread::sleep(STEP);
@@ -640,12 +643,8 @@ fn writer_loop(
     }
     fold_logged(&mut conn, "folding the turn log at close", health);
     // Before the writer's connection closes: the last to close checkpoints what is left.
+    // (The WAL hook may still nudge the stopped thread: that ask goes nowhere.)
     if let Some(c) = checkpointer {
-        if let Err(e) =
-            conn.wal_hook(None::<fn(&mut rusqlite::hooks::Wal, i32) -> rusqlite::Result<()>>)
-        {
-            tracing::debug!("store: cannot remove the WAL hook: {e}");
-        }
         c.stop();
     }
 }
