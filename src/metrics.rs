@@ -54,6 +54,7 @@ pub struct Metrics {
     commit_duration: Histogram,
     commits: Counter,
     checkpoint_duration: Histogram,
+    fold_duration: Histogram,
     store_errors: Family<L1, Counter>,
     // sessions and runs
     sessions_busy: Gauge,
@@ -163,6 +164,13 @@ impl Metrics {
             "Duration of the WAL checkpoints, run beside the writer (none in a commit)",
             Unit::Seconds,
             checkpoint_duration.clone(),
+        );
+        let fold_duration = Histogram::new(COMMIT_BUCKETS);
+        r.register_with_unit(
+            "store_fold_duration",
+            "Duration of the folds of the turn log into the sessions' tables, during which the writer commits nothing else",
+            Unit::Seconds,
+            fold_duration.clone(),
         );
         let store_errors = Family::<L1, Counter>::default();
         r.register(
@@ -280,6 +288,7 @@ impl Metrics {
             commit_duration,
             commits,
             checkpoint_duration,
+            fold_duration,
             store_errors,
             sessions_busy,
             runs_queued,
@@ -405,6 +414,12 @@ pub fn store_commit(took: Duration) {
 pub fn store_checkpoint(took: Duration) {
     let Some(m) = m() else { return };
     m.checkpoint_duration.observe(took.as_secs_f64());
+}
+
+/// A fold of the turn log, committed.
+pub fn store_fold(took: Duration) {
+    let Some(m) = m() else { return };
+    m.fold_duration.observe(took.as_secs_f64());
 }
 
 /// A write the database refused: `full`, `io`, `busy`, `readonly` or `other`.

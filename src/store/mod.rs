@@ -728,8 +728,12 @@ fn answer(done: Vec<Completion>, failed: Option<Failure>) {
 /// that cannot write makes the store degraded; a fold that moved something ends that.
 fn fold_logged(conn: &mut Connection, what: &str, health: &health::Health) {
     let changes = conn.total_changes();
+    let began = Instant::now();
     match fold_now(conn) {
-        Ok(()) if conn.total_changes() > changes => health.committed(),
+        Ok(()) if conn.total_changes() > changes => {
+            crate::metrics::store_fold(began.elapsed());
+            health.committed()
+        }
         Ok(()) => {}
         Err(e) if health::unavailable(&e) => health.failed(&e.to_string()),
         Err(e) => tracing::error!("store: {what} failed: {e}"),
