@@ -409,6 +409,67 @@ async fn an_unguarded_failure_rolls_back_its_commit_and_the_jobs_behind_it_run_n
 }
 
 #[tokio::test]
+async fn unguarded_then_and_detached_jobs_share_their_commit_s_fate() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    let busy = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.write(|_| {
+                std::thread::sleep(Duration::from_millis(200));
+                Ok(())
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let acted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let then = tokio::spawn({
+        let (s, acted) = (s.clone(), acted.clone());
+        async move {
+            s.write_then_unguarded(
+                |c| sessions::append(c, "then", &["{}".into()], None, 1),
+                move |()| acted.store(true, std::sync::atomic::Ordering::SeqCst),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Without a savepoint, its failure undoes the whole commit, `then`'s write with it.
+    s.write_detached_unguarded("a failing update", |c| {
+        c.execute("UPDATE nowhere SET x = 1", []).map(|_| ())
+    });
+    let behind = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.write(|c| sessions::append(c, "behind", &["{}".into()], None, 1))
+                .await
+        }
+    });
+    busy.await.unwrap().unwrap();
+    let then = then.await.unwrap();
+    assert!(
+        matches!(&then, Err(StoreError::Commit(m)) if m.contains("rolled back")),
+        "{then:?}"
+    );
+    assert!(
+        !acted.load(std::sync::atomic::Ordering::SeqCst),
+        "nothing acts on a write that did not commit"
+    );
+    behind.await.unwrap().expect("the next commit goes on");
+    let found = s
+        .read(|c| {
+            Ok((
+                sessions::get(c, "then")?.is_some(),
+                sessions::get(c, "behind")?.is_some(),
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(found, (false, true));
+}
+
+#[tokio::test]
 async fn a_fold_without_foreign_key_checks_leaves_them_on_and_deletes_still_cascade() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open_folding(d.path(), None).unwrap();

@@ -445,12 +445,15 @@ impl DeliveryLedger {
                     let id = row.id.clone();
                     let now = store::now_ms();
                     let outcome = unstored.take();
-                    self.inner.store.write_detached("delivery done", move |c| {
-                        if let Some(o) = &outcome {
-                            rows::set_result(c, &id, o, now)?;
-                        }
-                        rows::set_delivered(c, &id, now)
-                    });
+                    // Updates by primary key: no constraint to break.
+                    self.inner
+                        .store
+                        .write_detached_unguarded("delivery done", move |c| {
+                            if let Some(o) = &outcome {
+                                rows::set_result(c, &id, o, now)?;
+                            }
+                            rows::set_delivered(c, &id, now)
+                        });
                     tracing::info!(platform = %c.platform, chat_id = %c.chat_id, delivery_id = %row.id,
                         run_id = %row.run_id, "turn cancelled: no reply to send");
                     return;
@@ -493,11 +496,14 @@ impl DeliveryLedger {
                 rows::set_attempting(c, &id, n, outcome.as_deref(), store::now_ms())
             };
             // A chat reply is on record as being sent before it is: a restart in the middle
-            // then re-sends it marked as possibly repeated, never silently twice.
+            // then re-sends it marked as possibly repeated, never silently twice. (An
+            // update by primary key, like the others of a delivery: no savepoint needed.)
             let marked = match &chat {
-                Some(_) => self.inner.store.write(mark).await,
+                Some(_) => self.inner.store.write_unguarded(mark).await,
                 None => {
-                    self.inner.store.write_detached("delivery attempt", mark);
+                    self.inner
+                        .store
+                        .write_detached_unguarded("delivery attempt", mark);
                     Ok(())
                 }
             };
@@ -526,7 +532,9 @@ impl DeliveryLedger {
                     let id = row.id.clone();
                     self.inner
                         .store
-                        .write_detached("delivery done", move |c| rows::set_delivered(c, &id, now));
+                        .write_detached_unguarded("delivery done", move |c| {
+                            rows::set_delivered(c, &id, now)
+                        });
                     match &chat {
                         Some((c, _)) => {
                             tracing::info!(platform = %c.platform, chat_id = %c.chat_id,

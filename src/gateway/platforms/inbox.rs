@@ -341,10 +341,13 @@ impl Platforms {
         let runtime = tokio::runtime::Handle::current();
         let (platform, name) = (inst.platform, inst.name.clone());
         let counted = name.clone();
+        // Unguarded (no savepoint): each plan inserts rows under fresh ids, or upserts;
+        // no constraint to break, only a failing database fails it, and then its whole
+        // commit, whose messages are all answered with an error and sent again.
         let result = self
             .inner
             .store
-            .write_then(
+            .write_then_unguarded(
                 move |c| {
                     let now = store::now_ms();
                     let mut out = Vec::with_capacity(plans.len());

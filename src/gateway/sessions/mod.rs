@@ -757,9 +757,13 @@ impl Sessions {
     fn emit(&self, live: &LiveRun, kind: &str, fields: Map<String, Value>) {
         let ev = live.push(kind, fields);
         let id = live.id.clone();
-        self.inner.store.write_detached("run event", move |c| {
-            runs::append_event(c, &id, &ev, store::now_ms())
-        });
+        // Unguarded: the event's seq follows the run's stored events (see `LiveRun::new`),
+        // and its run is stored before it.
+        self.inner
+            .store
+            .write_detached_unguarded("run event", move |c| {
+                runs::append_event(c, &id, &ev, store::now_ms())
+            });
     }
 
     async fn execute_run(
@@ -783,11 +787,13 @@ impl Sessions {
             // The run's start and its event, in one job.
             let ev = live.push("run.started", obj(json!({ "attempt": attempt })));
             let id = run_id.clone();
-            self.inner.store.write_detached("run start", move |c| {
-                let now = store::now_ms();
-                runs::set_running(c, &id, attempt, now)?;
-                runs::append_event(c, &id, &ev, now)
-            });
+            self.inner
+                .store
+                .write_detached_unguarded("run start", move |c| {
+                    let now = store::now_ms();
+                    runs::set_running(c, &id, attempt, now)?;
+                    runs::append_event(c, &id, &ev, now)
+                });
         }
         tracing::info!(session_key = %skey, run_id = %run_id, "run started (attempt {attempt})");
 
