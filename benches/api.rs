@@ -267,7 +267,7 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
         }
     });
     // The client runtime is dropped by `drive`, so its threads' time is counted below.
-    let load = drive(addr, conns, secs, make);
+    let load = drive(addr, conns, secs, None, make);
     let (gw1, me1, m1) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
     let wr1 = writer_ticks(&gw_pid);
     let cs1 = switches(&gw_pid);

@@ -532,7 +532,7 @@ fn round_of(
     make: Arc<MakeRequest>,
 ) -> Round {
     let cpu = Cpu::begin(gw);
-    let load = drive(addr, conns, secs, make);
+    let load = drive(addr, conns, secs, None, make);
     let (gw_us, me_us, others_pct) = cpu.end(load.latencies_us.len() as f64);
     Round {
         rps: load.rps(),

@@ -146,7 +146,7 @@ fn run(addr: SocketAddr, load: Load, conns: usize, secs: u64, round: usize) -> O
                 .body(Full::new(Bytes::from(body)))
         }
     });
-    let load = drive(addr, conns, secs, make);
+    let load = drive(addr, conns, secs, None, make);
     Outcome {
         rps: load.rps(),
         p50_ms: load.quantile_ms(0.50),

@@ -9,12 +9,19 @@
 //! or `/health`'s) starts once the replies of the one before are all sent, so that none
 //! is measured against another's backlog.
 //!
-//! Environment: BENCH_SECS (per round, default 5), BENCH_ROUNDS (default 3), BENCH_CONNS
-//! (default 64), BENCH_PLATFORMS (a comma list, default all), BENCH_BASELINE (an older
-//! hermes-gateway binary, measured beside this one in the same rounds, with the ratios of
-//! rate and p99). `BENCH_INSTRUCTIONS=1` counts
+//! Each platform is measured twice a round: closed loop (each connection posts its next
+//! message once the last is answered: the most the gateway acknowledges, and the latency
+//! with 64 in flight at that saturation), then open loop at BENCH_RATE messages a second
+//! in all (default 5,000), each latency counted from when its request was due, as wrk2
+//! does: the latency at that rate, the turns and replies behind it included in the load.
+//!
+//! Environment: BENCH_SECS (per round and loop, default 5), BENCH_ROUNDS (default 3),
+//! BENCH_CONNS (default 64), BENCH_RATE (default 5000), BENCH_PLATFORMS (a comma list,
+//! default all), BENCH_BASELINE (an older hermes-gateway binary, measured beside this one
+//! in the same rounds, with the ratios of rate and p99). `BENCH_INSTRUCTIONS=1` counts
 //! instead the gateway's instructions per message under callgrind (valgrind), which the
-//! machine's load does not change, optionally beside `BENCH_BASELINE=/path/to/hermes-gateway`.
+//! machine's load does not change, optionally beside `BENCH_BASELINE=/path/to/hermes-gateway`
+//! (one connection, or BENCH_CONNS when set).
 //!
 //! A platform is a module giving its configuration section and its signed requests
 //! ([`run::Platform`]); `run` does the rest.

@@ -126,8 +126,15 @@ struct Outcome {
     errors: u64,
 }
 
-fn measure(addr: SocketAddr, conns: usize, secs: u64, make: Arc<MakeRequest>) -> Outcome {
-    let load = drive(addr, conns, secs, make);
+/// `rate`: see [`drive`] (`None`: as fast as the gateway answers `conns` at a time).
+fn measure(
+    addr: SocketAddr,
+    conns: usize,
+    secs: u64,
+    rate: Option<f64>,
+    make: Arc<MakeRequest>,
+) -> Outcome {
+    let load = drive(addr, conns, secs, rate, make);
     Outcome {
         rps: load.rps(),
         p50_ms: load.quantile_ms(0.50),
@@ -157,7 +164,8 @@ fn open_deliveries(db: &Path) -> i64 {
 }
 
 /// Instructions the gateway `bin` executed in all, counted by callgrind: start, `secs` of
-/// messages of `p` on one keep-alive connection, every reply sent, stop. Returns them with
+/// messages of `p` on one keep-alive connection (`BENCH_CONNS` when set: many share a
+/// commit then, as under load), every reply sent, stop. Returns them with
 /// the number of messages.
 fn instructions(p: &Platform, bin: &str, base: &str, secs: u64) -> (u64, u64) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -172,8 +180,9 @@ fn instructions(p: &Platform, bin: &str, base: &str, secs: u64) -> (u64, u64) {
     let request = p.request;
     let load = drive(
         gw.hook,
-        1,
+        env_u64("BENCH_CONNS", 1) as usize,
         secs,
+        None,
         Arc::new(move |conn, n, _| request(conn, n)),
     );
     assert_eq!(
@@ -236,6 +245,7 @@ pub fn main(all: &[Platform]) {
     let secs = env_u64("BENCH_SECS", 5);
     let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
     let conns = env_u64("BENCH_CONNS", 64) as usize;
+    let rate = env_u64("BENCH_RATE", 5000) as f64;
     let only = std::env::var("BENCH_PLATFORMS").unwrap_or_default();
     let platforms: Vec<&Platform> = all
         .iter()
@@ -269,7 +279,7 @@ pub fn main(all: &[Platform]) {
         (dir, gw)
     });
     println!(
-        "hermes-gateway platform benchmark: {}; {conns} keep-alive connections, {rounds} rounds of {secs}s, signed webhooks of new messages (200 after commit), {PER_CONVERSATION} messages per conversation, echo agent, replies to a stub API, log level warn, {} CPUs{}",
+        "hermes-gateway platform benchmark: {}; {conns} keep-alive connections, {rounds} rounds of {secs}s as fast as answered and {secs}s at {rate:.0}/s, signed webhooks of new messages (200 after commit), {PER_CONVERSATION} messages per conversation, echo agent, replies to a stub API, log level warn, {} CPUs{}",
         platforms
             .iter()
             .map(|p| p.name)
@@ -311,26 +321,25 @@ pub fn main(all: &[Platform]) {
         )
         .collect();
     for (g, db) in &gateways {
-        measure(g.api, conns, 1, health());
+        measure(g.api, conns, 1, None, health());
         for p in &platforms {
-            measure(g.hook, conns, 1, make(p));
+            measure(g.hook, conns, 1, None, make(p));
         }
         settle(db);
     }
     let mut healths = Vec::new();
     let mut settled = Vec::new();
-    let mut results: Vec<Vec<Outcome>> = platforms.iter().map(|_| Vec::new()).collect();
-    // Per platform, this binary's rate and p99 over the baseline's, round by round.
-    let mut ratios: Vec<Vec<(f64, f64)>> = platforms.iter().map(|_| Vec::new()).collect();
+    // Per platform and round: this binary's (saturated, paced), and the baseline's.
+    type Measured = (Outcome, Outcome);
+    let mut results: Vec<Vec<Measured>> = platforms.iter().map(|_| Vec::new()).collect();
+    let mut baselines: Vec<Vec<Measured>> = platforms.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
-        let h = measure(gw.api, conns, secs, health());
+        let h = measure(gw.api, conns, secs, None, health());
         let mut line = format!(
             "round {round}: GET /health {:>7.0} req/s p99 {:>5.2} ms",
             h.rps, h.p99_ms
         );
         for (i, p) in platforms.iter().enumerate() {
-            let mut this = None;
-            let mut base = None;
             // In turn first and second, so that neither always follows the other's work.
             let order: Vec<usize> = if round % 2 == 1 {
                 (0..gateways.len()).collect()
@@ -339,57 +348,73 @@ pub fn main(all: &[Platform]) {
             };
             for k in order {
                 let (g, db) = &gateways[k];
-                let o = measure(g.hook, conns, secs, make(p));
+                let most = measure(g.hook, conns, secs, None, make(p));
+                settled.push(settle(db));
+                let paced = measure(g.hook, conns, secs, Some(rate), make(p));
                 settled.push(settle(db));
                 if k == 0 {
-                    this = Some(o);
+                    results[i].push((most, paced));
                 } else {
-                    base = Some(o);
+                    baselines[i].push((most, paced));
                 }
             }
-            let Some(o) = this else { continue };
+            let Some((o, q)) = results[i].last() else {
+                continue;
+            };
             line.push_str(&format!(
-                " | {} {:>6.0}/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors, {:.1} % of /health)",
+                " | {} {:>6.0}/s p50 {:>5.2} ms p99 {:>5.2} ms, at {rate:.0}/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors)",
                 p.name,
                 o.rps,
                 o.p50_ms,
                 o.p99_ms,
-                o.errors,
-                100.0 * o.rps / h.rps
+                q.p50_ms,
+                q.p99_ms,
+                o.errors + q.errors,
             ));
-            if let Some(b) = base {
+            if let Some((b, bq)) = baselines[i].last() {
                 line.push_str(&format!(
-                    " [baseline {:>6.0}/s p99 {:>5.2} ms]",
-                    b.rps, b.p99_ms
+                    " [baseline {:>6.0}/s p99 {:>5.2} ms, at {rate:.0}/s p99 {:>5.2} ms]",
+                    b.rps, b.p99_ms, bq.p99_ms
                 ));
-                ratios[i].push((o.rps / b.rps.max(1.0), o.p99_ms / b.p99_ms.max(0.001)));
             }
-            results[i].push(o);
         }
         println!("{line}");
         healths.push(h);
     }
     let h = median(healths.iter().map(|o| o.rps).collect());
     println!("median: GET /health {h:.0} req/s");
-    for ((p, r), q) in platforms.iter().zip(&results).zip(&ratios) {
-        let rps = median(r.iter().map(|o| o.rps).collect());
-        println!(
-            "median: {} {rps:.0} messages/s acknowledged after commit, p50 {:.2} ms, p99 {:.2} ms, {:.1} % of /health, {} errors (target >= 5000/s, p99 <= 25 ms){}",
+    for ((p, r), b) in platforms.iter().zip(&results).zip(&baselines) {
+        let med = |f: fn(&Measured) -> f64| median(r.iter().map(f).collect());
+        let rps = med(|m| m.0.rps);
+        let mut line = format!(
+            "median: {} {rps:.0} messages/s acknowledged after commit ({:.1} % of /health), p50 {:.2} ms, p99 {:.2} ms with {conns} in flight; at {rate:.0}/s offered: {:.0}/s answered, p50 {:.2} ms, p99 {:.2} ms; {} errors (target >= 5000/s, p99 <= 25 ms)",
             p.name,
-            median(r.iter().map(|o| o.p50_ms).collect()),
-            median(r.iter().map(|o| o.p99_ms).collect()),
             100.0 * rps / h,
-            r.iter().map(|o| o.errors).sum::<u64>(),
-            if q.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " | this / baseline: rate {:.2}, p99 {:.2} (medians of the rounds' ratios)",
-                    median(q.iter().map(|x| x.0).collect()),
-                    median(q.iter().map(|x| x.1).collect())
-                )
-            }
+            med(|m| m.0.p50_ms),
+            med(|m| m.0.p99_ms),
+            med(|m| m.1.rps),
+            med(|m| m.1.p50_ms),
+            med(|m| m.1.p99_ms),
+            r.iter().map(|m| m.0.errors + m.1.errors).sum::<u64>(),
         );
+        if !b.is_empty() {
+            // Medians of the rounds' ratios: each round's pair ran side by side.
+            let ratio = |f: fn(&Measured) -> f64| {
+                median(
+                    r.iter()
+                        .zip(b)
+                        .map(|(x, y)| f(x) / f(y).max(1e-3))
+                        .collect(),
+                )
+            };
+            line.push_str(&format!(
+                " | this / baseline (medians of the rounds' ratios): rate {:.2}, p99 {:.2}, p99 at {rate:.0}/s {:.2}",
+                ratio(|m| m.0.rps),
+                ratio(|m| m.0.p99_ms),
+                ratio(|m| m.1.p99_ms),
+            ));
+        }
+        println!("{line}");
     }
     // The work behind the 200s: how long it took, after each round, until every turn ran
     // and its reply was sent.

@@ -1,6 +1,6 @@
-//! What the API and webhook benchmarks share: the closed-loop load generator (each
-//! keep-alive connection sends its next request when the last answer is in), its latency
-//! figures, and small helpers.
+//! What the API and webhook benchmarks share: the load generator, closed-loop (each
+//! keep-alive connection sends its next request when the last answer is in) or at a set
+//! rate, its latency figures, and small helpers.
 //!
 //! Beside it, `reconnecting.rs` is the other load client: the light load the lifecycle
 //! benchmark keeps running through restarts, counting every failed request. Only that
@@ -59,7 +59,21 @@ impl Load {
 /// `conns` keep-alive connections to `addr` for `secs` seconds, each sending the requests
 /// `make` builds, on a client runtime of two threads (dropped before this returns, so that
 /// its threads' CPU time is counted by whoever reads it next).
-pub fn drive(addr: SocketAddr, conns: usize, secs: u64, make: Arc<MakeRequest>) -> Load {
+///
+/// `rate: None`: closed loop, each connection sending its next request as soon as the last
+/// is answered: the most the server answers with `conns` requests in flight, and the
+/// latency at that saturation (by Little's law, about `conns` over the rate).
+/// `rate: Some(r)`: open loop, `r` requests a second in all, due at even intervals spread
+/// over the connections (as wrk2, or vegeta's constant rate), each latency counted from
+/// when its request was due: a request sent late because its connection was still
+/// waiting on the one before counts that wait too (no "coordinated omission").
+pub fn drive(
+    addr: SocketAddr,
+    conns: usize,
+    secs: u64,
+    rate: Option<f64>,
+    make: Arc<MakeRequest>,
+) -> Load {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -70,7 +84,21 @@ pub fn drive(addr: SocketAddr, conns: usize, secs: u64, make: Arc<MakeRequest>) 
     let until = started + Duration::from_secs(secs);
     let mut all: Vec<u32> = rt.block_on(async {
         let tasks: Vec<_> = (0..conns)
-            .map(|i| tokio::spawn(connection(addr, i, until, errors.clone(), make.clone())))
+            .map(|i| {
+                let pace = rate.map(|r| Pace {
+                    start: started,
+                    rate: r,
+                    conns,
+                });
+                tokio::spawn(connection(
+                    addr,
+                    i,
+                    until,
+                    pace,
+                    errors.clone(),
+                    make.clone(),
+                ))
+            })
             .collect();
         let mut all = Vec::new();
         for t in tasks {
@@ -90,10 +118,26 @@ pub fn drive(addr: SocketAddr, conns: usize, secs: u64, make: Arc<MakeRequest>) 
     }
 }
 
+/// An open loop's schedule: request `k` of all (from 0) is due `k / rate` seconds after
+/// `start`, and connection `i` sends requests `i`, `i + conns`, `i + 2 conns`…
+struct Pace {
+    start: Instant,
+    rate: f64,
+    conns: usize,
+}
+
+impl Pace {
+    fn due(&self, conn_id: usize, n: u64) -> Instant {
+        let k = n as f64 * self.conns as f64 + conn_id as f64;
+        self.start + Duration::from_secs_f64(k / self.rate)
+    }
+}
+
 async fn connection(
     addr: SocketAddr,
     conn_id: usize,
     until: Instant,
+    pace: Option<Pace>,
     errors: Arc<AtomicU64>,
     make: Arc<MakeRequest>,
 ) -> Vec<u32> {
@@ -111,12 +155,22 @@ async fn connection(
     tokio::spawn(conn);
     let mut n: u64 = 0;
     let mut last = Bytes::new();
-    while Instant::now() < until {
+    loop {
+        let t = match &pace {
+            None => Instant::now(),
+            Some(p) => {
+                let due = p.due(conn_id, n);
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+        };
+        if t >= until {
+            break;
+        }
         let Ok(req) = make(conn_id, n, &last) else {
             break;
         };
         n += 1;
-        let t = Instant::now();
         match sender.send_request(req).await {
             Ok(resp) => {
                 let ok = resp.status().is_success();
