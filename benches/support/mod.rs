@@ -158,14 +158,13 @@ async fn connection(
     loop {
         let t = match &pace {
             None => Instant::now(),
-            Some(p) => {
-                let due = p.due(conn_id, n);
-                tokio::time::sleep_until(due.into()).await;
-                due
-            }
+            Some(p) => p.due(conn_id, n),
         };
         if t >= until {
             break;
+        }
+        if pace.is_some() {
+            tokio::time::sleep_until(t.into()).await;
         }
         let Ok(req) = make(conn_id, n, &last) else {
             break;
