@@ -279,13 +279,14 @@ async fn the_writer_folds_the_log_by_itself_and_at_open() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     s.close();
-    // A turn logged by a gateway that was killed before folding it.
+    // A turn logged by a gateway that was killed before folding it (as `append` logs it).
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        c.execute(
+        c.execute_batch(
             "INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
-             VALUES ('a', 1, '{\"late\":1}', NULL, 2)",
-            [],
+             VALUES ('a', 1, '{\"late\":1}', NULL, 2);
+             INSERT INTO turn_log_next (session_id, next, created_at, updated_at)
+             VALUES ('a', 2, 2, 2);",
         )
         .unwrap();
     }
@@ -296,6 +297,8 @@ async fn the_writer_folds_the_log_by_itself_and_at_open() {
         .unwrap();
     assert_eq!(in_log, 0, "folded at open");
     assert_eq!(history, ["{}", "{\"late\":1}"]);
+    let row = s.read(|c| sessions::get(c, "a")).await.unwrap().unwrap();
+    assert_eq!((row.messages, row.created_at, row.updated_at), (2, 1, 2));
 }
 
 #[tokio::test]
@@ -535,17 +538,21 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
         .unwrap();
     }
     let s = Store::open_folding(dir.path(), None).unwrap();
-    let (version, history) = s
+    let (version, history, row) = s
         .read(|c| {
             Ok((
                 c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?,
                 sessions::recent(c, "old", 10)?,
+                sessions::get(c, "old")?,
             ))
         })
         .await
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
     assert_eq!(history, (2, vec!["{\"n\":0}".into(), "{\"n\":1}".into()]));
+    // Its times, which migration 11 took from the log for the fold at open.
+    let row = row.expect("the session");
+    assert_eq!((row.created_at, row.updated_at, row.messages), (1, 2, 2));
     let first = s
         .write_unguarded(|c| sessions::append_at(c, "old", &["{}".into()], None, 3))
         .await
