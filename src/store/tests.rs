@@ -346,11 +346,9 @@ async fn numbering_goes_on_across_folds_and_starts_over_after_a_delete() {
     assert_eq!(left, 0, "a fold empties the log's index of sessions too");
 }
 
-#[tokio::test]
-async fn an_unguarded_failure_rolls_back_its_commit_and_the_jobs_behind_it_run_next() {
-    let d = tempfile::tempdir().unwrap();
-    let s = Store::open_folding(d.path(), None).unwrap();
-    // Keeps the writer busy while the three jobs below queue up: they share one batch.
+/// Keeps the writer busy with a job of 200 ms, and returns once it runs: jobs queued now
+/// share the next batch.
+async fn occupy_writer(s: &Store) -> tokio::task::JoinHandle<Result<(), StoreError>> {
     let busy = tokio::spawn({
         let s = s.clone();
         async move {
@@ -362,13 +360,25 @@ async fn an_unguarded_failure_rolls_back_its_commit_and_the_jobs_behind_it_run_n
         }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let before = tokio::spawn({
-        let s = s.clone();
-        async move {
-            s.write(|c| sessions::append(c, "before", &["{}".into()], None, 1))
-                .await
-        }
-    });
+    busy
+}
+
+/// Appends one message to session `id`, awaited on a task of its own.
+fn spawn_append(s: &Store, id: &'static str) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+    let s = s.clone();
+    tokio::spawn(async move {
+        s.write(move |c| sessions::append(c, id, &["{}".into()], None, 1))
+            .await
+    })
+}
+
+#[tokio::test]
+async fn an_unguarded_failure_rolls_back_its_commit_and_the_jobs_behind_it_run_next() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    // The three jobs below queue up meanwhile: they share one batch.
+    let busy = occupy_writer(&s).await;
+    let before = spawn_append(&s, "before");
     let failing = tokio::spawn({
         let s = s.clone();
         async move {
@@ -380,13 +390,7 @@ async fn an_unguarded_failure_rolls_back_its_commit_and_the_jobs_behind_it_run_n
             .await
         }
     });
-    let behind = tokio::spawn({
-        let s = s.clone();
-        async move {
-            s.write(|c| sessions::append(c, "behind", &["{}".into()], None, 1))
-                .await
-        }
-    });
+    let behind = spawn_append(&s, "behind");
     busy.await.unwrap().unwrap();
     let before = before.await.unwrap();
     assert!(
@@ -415,17 +419,7 @@ async fn an_unguarded_failure_rolls_back_its_commit_and_the_jobs_behind_it_run_n
 async fn unguarded_then_and_detached_jobs_share_their_commit_s_fate() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open_folding(d.path(), None).unwrap();
-    let busy = tokio::spawn({
-        let s = s.clone();
-        async move {
-            s.write(|_| {
-                std::thread::sleep(Duration::from_millis(200));
-                Ok(())
-            })
-            .await
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let busy = occupy_writer(&s).await;
     let acted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let then = tokio::spawn({
         let (s, acted) = (s.clone(), acted.clone());
@@ -442,13 +436,7 @@ async fn unguarded_then_and_detached_jobs_share_their_commit_s_fate() {
     s.write_detached_unguarded("a failing update", |c| {
         c.execute("UPDATE nowhere SET x = 1", []).map(|_| ())
     });
-    let behind = tokio::spawn({
-        let s = s.clone();
-        async move {
-            s.write(|c| sessions::append(c, "behind", &["{}".into()], None, 1))
-                .await
-        }
-    });
+    let behind = spawn_append(&s, "behind");
     busy.await.unwrap().unwrap();
     let then = then.await.unwrap();
     assert!(
