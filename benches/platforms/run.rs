@@ -124,6 +124,61 @@ struct Outcome {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// Messages answered.
+    n: u64,
+}
+
+/// What a process has used so far: CPU seconds (user and system, all its threads), and
+/// bytes written (`wchar`: every write and pwrite, sockets included; `write_bytes`: those
+/// that reached the disk), from `/proc`.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    cpu_s: f64,
+    wchar: u64,
+    disk: u64,
+}
+
+impl Usage {
+    fn of(pid: u32) -> Usage {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After the command's `(name)`, which may hold spaces: utime and stime are the
+        // 12th and 13th fields.
+        let ticks: f64 = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse::<f64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0.0);
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+        let field = |name: &str| {
+            io.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Usage {
+            cpu_s: ticks / hz,
+            wchar: field("wchar:"),
+            disk: field("write_bytes:"),
+        }
+    }
+
+    /// Per message, from `before` to now: (CPU µs, KB written, KB to disk).
+    fn per_message(self, before: Usage, n: u64) -> (f64, f64, f64) {
+        let n = n.max(1) as f64;
+        (
+            (self.cpu_s - before.cpu_s) * 1e6 / n,
+            self.wchar.saturating_sub(before.wchar) as f64 / 1024.0 / n,
+            self.disk.saturating_sub(before.disk) as f64 / 1024.0 / n,
+        )
+    }
 }
 
 /// `rate`: see [`drive`] (`None`: as fast as the gateway answers `conns` at a time).
@@ -140,6 +195,7 @@ fn measure(
         p50_ms: load.quantile_ms(0.50),
         p99_ms: load.quantile_ms(0.99),
         errors: load.errors,
+        n: load.latencies_us.len() as u64,
     }
 }
 
@@ -329,8 +385,10 @@ pub fn main(all: &[Platform]) {
     }
     let mut healths = Vec::new();
     let mut settled = Vec::new();
-    // Per platform and round: this binary's (saturated, paced), and the baseline's.
-    type Measured = (Outcome, Outcome);
+    // Per platform and round: this binary's (saturated, paced, and what the gateway used
+    // per message of the paced loop: CPU µs, KB written, KB to disk, its turns and replies
+    // included), and the baseline's.
+    type Measured = (Outcome, Outcome, (f64, f64, f64));
     let mut results: Vec<Vec<Measured>> = platforms.iter().map(|_| Vec::new()).collect();
     let mut baselines: Vec<Vec<Measured>> = platforms.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
@@ -350,31 +408,35 @@ pub fn main(all: &[Platform]) {
                 let (g, db) = &gateways[k];
                 let most = measure(g.hook, conns, secs, None, make(p));
                 settled.push(settle(db));
+                let before = Usage::of(g.child.id());
                 let paced = measure(g.hook, conns, secs, Some(rate), make(p));
                 settled.push(settle(db));
+                let used = Usage::of(g.child.id()).per_message(before, paced.n);
                 if k == 0 {
-                    results[i].push((most, paced));
+                    results[i].push((most, paced, used));
                 } else {
-                    baselines[i].push((most, paced));
+                    baselines[i].push((most, paced, used));
                 }
             }
-            let Some((o, q)) = results[i].last() else {
+            let Some((o, q, u)) = results[i].last() else {
                 continue;
             };
             line.push_str(&format!(
-                " | {} {:>6.0}/s p50 {:>5.2} ms p99 {:>5.2} ms, at {rate:.0}/s p50 {:>5.2} ms p99 {:>5.2} ms ({} errors)",
+                " | {} {:>6.0}/s p50 {:>5.2} ms p99 {:>5.2} ms, at {rate:.0}/s p50 {:>5.2} ms p99 {:>5.2} ms, {:.0} µs CPU and {:.1} KB written per message ({} errors)",
                 p.name,
                 o.rps,
                 o.p50_ms,
                 o.p99_ms,
                 q.p50_ms,
                 q.p99_ms,
+                u.0,
+                u.1,
                 o.errors + q.errors,
             ));
-            if let Some((b, bq)) = baselines[i].last() {
+            if let Some((b, bq, bu)) = baselines[i].last() {
                 line.push_str(&format!(
-                    " [baseline {:>6.0}/s p99 {:>5.2} ms, at {rate:.0}/s p99 {:>5.2} ms]",
-                    b.rps, b.p99_ms, bq.p99_ms
+                    " [baseline {:>6.0}/s p99 {:>5.2} ms, at {rate:.0}/s p99 {:>5.2} ms, {:.0} µs, {:.1} KB]",
+                    b.rps, b.p99_ms, bq.p99_ms, bu.0, bu.1
                 ));
             }
         }
@@ -387,7 +449,7 @@ pub fn main(all: &[Platform]) {
         let med = |f: fn(&Measured) -> f64| median(r.iter().map(f).collect());
         let rps = med(|m| m.0.rps);
         let mut line = format!(
-            "median: {} {rps:.0} messages/s acknowledged after commit ({:.1} % of /health), p50 {:.2} ms, p99 {:.2} ms with {conns} in flight; at {rate:.0}/s offered: {:.0}/s answered, p50 {:.2} ms, p99 {:.2} ms; {} errors (target >= 5000/s, p99 <= 25 ms)",
+            "median: {} {rps:.0} messages/s acknowledged after commit ({:.1} % of /health), p50 {:.2} ms, p99 {:.2} ms with {conns} in flight; at {rate:.0}/s offered: {:.0}/s answered, p50 {:.2} ms, p99 {:.2} ms; per message at that rate, the gateway's CPU {:.0} µs, {:.1} KB written ({:.1} KB to disk); {} errors (target >= 5000/s, p99 <= 25 ms)",
             p.name,
             100.0 * rps / h,
             med(|m| m.0.p50_ms),
@@ -395,6 +457,9 @@ pub fn main(all: &[Platform]) {
             med(|m| m.1.rps),
             med(|m| m.1.p50_ms),
             med(|m| m.1.p99_ms),
+            med(|m| m.2.0),
+            med(|m| m.2.1),
+            med(|m| m.2.2),
             r.iter().map(|m| m.0.errors + m.1.errors).sum::<u64>(),
         );
         if !b.is_empty() {
@@ -408,10 +473,13 @@ pub fn main(all: &[Platform]) {
                 )
             };
             line.push_str(&format!(
-                " | this / baseline (medians of the rounds' ratios): rate {:.2}, p99 {:.2}, p99 at {rate:.0}/s {:.2}",
+                " | this / baseline (medians of the rounds' ratios): rate {:.2}, p99 {:.2}, p99 at {rate:.0}/s {:.2}, CPU per message {:.2}, written {:.2}, to disk {:.2}",
                 ratio(|m| m.0.rps),
                 ratio(|m| m.0.p99_ms),
                 ratio(|m| m.1.p99_ms),
+                ratio(|m| m.2.0),
+                ratio(|m| m.2.1),
+                ratio(|m| m.2.2),
             ));
         }
         println!("{line}");
