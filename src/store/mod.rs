@@ -56,7 +56,8 @@ pub const DB_FILE: &str = "gateway.db";
 pub const FOLD_EVERY: Duration = Duration::from_millis(500);
 const FOLD_AFTER_JOBS: usize = 16384;
 
-/// Bytes of WAL file kept when it starts over (see `checkpoint`).
+/// Bytes of WAL file kept when it starts over, when the checkpoint thread could not start
+/// (it cuts the file itself, once the gateway is quiet: see `checkpoint`).
 const WAL_KEPT: i64 = 64 << 20;
 
 /// Prepared statements kept per connection.
@@ -205,10 +206,6 @@ impl Store {
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "full")
             .map_err(open_err)?;
-        // A WAL that a burst made long is cut back to this when it starts over (it keeps
-        // its length otherwise, the disk space with it).
-        conn.pragma_update(None, "journal_size_limit", WAL_KEPT)
-            .map_err(open_err)?;
         migrations::apply(&mut conn, &path)?;
         // What the last run logged and did not fold (it was killed, say).
         fold_now(&mut conn).map_err(open_err)?;
@@ -217,11 +214,10 @@ impl Store {
         let checkpointer = match checkpoint::Checkpointer::start(&path) {
             Ok(c) => {
                 // Replaces SQLite's own hook, the one that checkpoints in the commit.
+                // It also keeps the WAL file's length while commits come (see `checkpoint`).
                 let nudge = c.nudger();
                 conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages| {
-                    if pages >= checkpoint::PAGES {
-                        nudge.nudge();
-                    }
+                    nudge.committed(pages);
                     Ok(())
                 }))
                 .map_err(open_err)?;
@@ -231,6 +227,10 @@ impl Store {
                 tracing::warn!(
                     "store: cannot start the checkpoint thread ({e}): commits checkpoint the WAL themselves"
                 );
+                // Nothing cuts the WAL file when the gateway is quiet: it is cut back to
+                // this when it starts over, or it would keep the length a burst gave it.
+                conn.pragma_update(None, "journal_size_limit", WAL_KEPT)
+                    .map_err(open_err)?;
                 None
             }
         };

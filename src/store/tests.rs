@@ -221,6 +221,69 @@ async fn a_session_only_in_the_log_is_found_and_deleted() {
     assert_eq!(s.read(sessions::count).await.unwrap(), 0);
 }
 
+/// Well past checkpoint::PAGES pages of WAL, in commits of their own, none waiting: 2 ×
+/// PAGES messages of session `big`.
+async fn fill_wal(s: &Store) {
+    let page = "x".repeat(3000);
+    for i in 0..(2 * checkpoint::PAGES) {
+        let m = vec![format!("{{\"n\":{i},\"pad\":\"{page}\"}}")];
+        s.write(move |c| sessions::append(c, "big", &m, None, i64::from(i)))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_long_wal_file_is_kept_while_commits_come_and_cut_once_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let wal = dir.path().join(format!("{DB_FILE}-wal"));
+    let size = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    fill_wal(&s).await;
+    let long = size();
+    assert!(
+        long > u64::from(checkpoint::PAGES.unsigned_abs()) * 4096,
+        "WAL of {long} bytes"
+    );
+    // Commits every 100 ms for three times the quiet spell: the file is not cut meanwhile
+    // (each commit's pages are written where the file has room).
+    let until = std::time::Instant::now() + 3 * checkpoint::QUIET;
+    let mut i = 0;
+    while std::time::Instant::now() < until {
+        i += 1;
+        s.write(move |c| sessions::append(c, "small", &["{}".into()], None, i))
+            .await
+            .unwrap();
+        assert!(size() >= long, "the WAL file was cut while commits came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Quiet: it is cut to nothing, and nothing is lost.
+    let end = std::time::Instant::now() + checkpoint::QUIET + Duration::from_secs(10);
+    while size() > 0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the WAL file kept {} bytes once quiet",
+            size()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (big, small) = s
+        .read(|c| Ok((sessions::get(c, "big")?, sessions::get(c, "small")?)))
+        .await
+        .unwrap();
+    assert_eq!(
+        big.map(|r| r.messages),
+        Some(i64::from(2 * checkpoint::PAGES))
+    );
+    assert_eq!(small.map(|r| r.messages), Some(i));
+    // The next commit writes a new one.
+    s.write(|c| sessions::append(c, "small", &["{}".into()], None, 0))
+        .await
+        .unwrap();
+    assert!(size() > 0);
+    s.close();
+}
+
 #[tokio::test]
 async fn a_long_wal_is_checkpointed_beside_the_writer_and_commits_go_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -236,14 +299,7 @@ async fn a_long_wal_is_checkpointed_beside_the_writer_and_commits_go_on() {
             .unwrap()
     };
     let done_before = checkpoints();
-    // Well past checkpoint::PAGES pages of WAL, in commits of their own, none waiting.
-    let page = "x".repeat(3000);
-    for i in 0..(2 * checkpoint::PAGES) {
-        let m = vec![format!("{{\"n\":{i},\"pad\":\"{page}\"}}")];
-        s.write(move |c| sessions::append(c, "big", &m, None, i64::from(i)))
-            .await
-            .unwrap();
-    }
+    fill_wal(&s).await;
     // The pages reach the database file without a close or a fold, checkpointed by the
     // checkpoint thread (the only one that counts them).
     let end = std::time::Instant::now() + Duration::from_secs(10);
