@@ -863,10 +863,13 @@ impl Sessions {
             Some((answer, rows)) => (Some(answer), rows),
             None => (None, Vec::new()),
         };
+        // Unguarded: an update of the run by its id, its next event (see `emit`) and the
+        // turn's append (see `store::sessions::append`); none has a constraint to break,
+        // its run being unfinished until this commits (only finished runs are pruned).
         let committed = self
             .inner
             .store
-            .write(move |c| {
+            .write_unguarded(move |c| {
                 let now = store::now_ms();
                 runs::finish(c, &id, status, reply.as_deref(), err.as_deref(), now)?;
                 runs::append_event(c, &id, &ev, now)?;
