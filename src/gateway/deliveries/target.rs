@@ -34,7 +34,7 @@ pub enum Target {
 
 impl Target {
     pub fn to_json(&self) -> String {
-        match self {
+        let v = match self {
             Target::Log => json!({"type": "log"}),
             Target::Http { url } => json!({"type": "http", "url": url}),
             Target::Chat(c) => {
@@ -44,8 +44,8 @@ impl Target {
                 }
                 v
             }
-        }
-        .to_string()
+        };
+        crate::gateway::json_text(&v)
     }
 
     pub fn from_json(s: &str) -> Target {

@@ -113,7 +113,9 @@ impl Platforms {
             session_id: None,
             run_id: String::new(),
             target: Target::Chat(inst.target(m, false)).to_json(),
-            result: Some(json!({"status": "completed", "output": text}).to_string()),
+            result: Some(crate::gateway::json_text(
+                &json!({"status": "completed", "output": text}),
+            )),
             attempts: 0,
             last_error: None,
             next_attempt_at: Some(now),
@@ -283,7 +285,7 @@ impl Platforms {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
-            input: Value::from(messages.clone()).to_string(),
+            input: crate::gateway::json_text(&Value::from(messages.clone())),
             output: None,
             error: None,
             idempotency_key: None,

@@ -76,7 +76,7 @@ impl LiveRun {
             let ev = Arc::new(EventRow {
                 seq,
                 kind: kind.to_owned(),
-                data: Value::Object(data).to_string(),
+                data: crate::gateway::json_text(&Value::Object(data)),
             });
             s.events.push(ev.clone());
             ev

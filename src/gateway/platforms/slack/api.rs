@@ -95,7 +95,7 @@ impl SlackApi {
                 http::header::AUTHORIZATION,
                 format!("Bearer {}", self.token.expose()),
             )
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(Bytes::from(crate::gateway::json_text(body))))
             .map_err(|e| ApiError::Transient(self.redact(format!("{shown}: {e}"))))?;
         let answer = exchange(&self.client, req, &shown, timeout)
             .await

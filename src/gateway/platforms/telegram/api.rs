@@ -92,7 +92,7 @@ impl BotApi {
         let url = format!("{}/bot{}/{method}", self.base, self.token.expose());
         let req = http::Request::post(url.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(Bytes::from(crate::gateway::json_text(body))))
             .map_err(|e| ApiError::Transient(self.redact(format!("{shown}: {e}"))))?;
         let answer = async {
             let resp = self.client.request(req).await.map_err(|e| {
