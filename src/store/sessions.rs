@@ -59,9 +59,14 @@ pub fn fold(conn: &Connection) -> rusqlite::Result<usize> {
              messages = max(messages, excluded.messages)",
     )?
     .execute([])?;
+    // `OR FAIL`: a statement that may stop half-way on a conflict keeps its rows so far, so
+    // SQLite copies none of the pages it changes into a statement journal (a plain insert
+    // of many rows copies each, to undo itself): 6.0 ms instead of 7.1 for 6,500 messages.
+    // A conflict cannot happen (each session's numbers follow its messages), and if it
+    // did, the fold's error rolls its whole transaction back.
     let moved = conn
         .prepare_cached(
-            "INSERT INTO messages (session_id, seq, message, run_id, created_at)
+            "INSERT OR FAIL INTO messages (session_id, seq, message, run_id, created_at)
              SELECT session_id, seq, message, run_id, created_at FROM turn_log ORDER BY id",
         )?
         .execute([])?;

@@ -516,6 +516,34 @@ async fn unguarded_then_and_detached_jobs_share_their_commit_s_fate() {
     assert_eq!(found, (false, true));
 }
 
+#[test]
+fn a_fold_that_meets_a_conflict_moves_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    Store::open_folding(d.path(), None).unwrap().close();
+    let mut c = Connection::open(d.path().join(DB_FILE)).unwrap();
+    // Three logged messages of `s`, the last of which a stored message already numbers.
+    c.execute_batch(
+        "INSERT INTO sessions (id, created_at, updated_at, messages) VALUES ('s', 1, 1, 3);
+         INSERT INTO messages (session_id, seq, message, run_id, created_at)
+             VALUES ('s', 2, '{\"old\":1}', NULL, 1);
+         INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
+             VALUES ('s', 0, '{}', NULL, 2), ('s', 1, '{}', NULL, 2), ('s', 2, '{}', NULL, 2);
+         INSERT INTO turn_log_next (session_id, next, created_at, updated_at)
+             VALUES ('s', 3, 2, 2);",
+    )
+    .unwrap();
+    assert!(fold_now(&mut c).is_err(), "the conflict fails the fold");
+    let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(count("SELECT count(*) FROM turn_log"), 3, "the log is kept");
+    assert_eq!(count("SELECT count(*) FROM turn_log_next"), 1);
+    assert_eq!(
+        count("SELECT count(*) FROM messages"),
+        1,
+        "the messages moved before the conflict are undone"
+    );
+    assert_eq!(count("SELECT updated_at FROM sessions WHERE id = 's'"), 1);
+}
+
 #[tokio::test]
 async fn a_fold_without_foreign_key_checks_leaves_them_on_and_deletes_still_cascade() {
     let d = tempfile::tempdir().unwrap();
