@@ -22,6 +22,8 @@
 //! Responses turn against the session turn in instructions, under callgrind;
 //! BENCH_KEEP_CALLGRIND=/path/prefix keeps each run's profile for `callgrind_annotate`).
 
+#[path = "support/procfs.rs"]
+mod procfs;
 mod support;
 
 use std::net::SocketAddr;
@@ -34,6 +36,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use procfs::{TICK_US, cpu_ticks, io, machine_ticks};
 use support::{MakeRequest, drive, env_u64, median};
 use tokio::net::TcpStream;
 
@@ -151,46 +154,6 @@ struct Outcome {
     gw_write_bytes: f64,
 }
 
-/// Bytes a process passed to write(2) and its kin (`wchar` of /proc/PID/io).
-fn written(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("wchar:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = after.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
-/// (busy, total) clock ticks of the whole machine.
-fn machine_ticks() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = s
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
 /// utime + stime of the gateway's store writer thread, in clock ticks.
 fn writer_ticks(pid: &str) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -225,16 +188,13 @@ fn switches(pid: &str) -> u64 {
         .sum()
 }
 
-/// Clock ticks per second (`getconf CLK_TCK`): 100 on Linux.
-const TICK_US: f64 = 10_000.0;
-
 fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outcome {
     let addr = gw.addr;
     let gw_pid = gw.child.id().to_string();
     let (gw0, me0, m0) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
     let wr0 = writer_ticks(&gw_pid);
     let cs0 = switches(&gw_pid);
-    let w0 = written(&gw_pid);
+    let w0 = io(&gw_pid, "wchar");
     let make: Arc<MakeRequest> = Arc::new(move |conn_id, n, last| match load {
         Load::Health => Request::get("/health")
             .header("host", "bench")
@@ -271,7 +231,7 @@ fn run(gw: &Gateway, load: Load, conns: usize, secs: u64, round: usize) -> Outco
     let (gw1, me1, m1) = (cpu_ticks(&gw_pid), cpu_ticks("self"), machine_ticks());
     let wr1 = writer_ticks(&gw_pid);
     let cs1 = switches(&gw_pid);
-    let w1 = written(&gw_pid);
+    let w1 = io(&gw_pid, "wchar");
     let n = load.latencies_us.len().max(1) as f64;
     let ours = (gw1 - gw0) + (me1 - me0);
     let others = (m1.0 - m0.0).saturating_sub(ours);

@@ -35,6 +35,8 @@
 //! 10000), BENCH_CHATS (for (d), default 10000), BENCH_ONLY (the parts to run, default
 //! `abcd`).
 
+#[path = "support/procfs.rs"]
+mod procfs;
 mod support;
 
 use std::collections::{HashMap, VecDeque};
@@ -50,6 +52,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use procfs::{TICK_US, cpu_ticks, machine_ticks};
 use support::{MakeRequest, drive, env_u64, median};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -57,8 +60,6 @@ use tokio::sync::Notify;
 const BIN: &str = env!("CARGO_BIN_EXE_hermes-gateway");
 const TOKEN: &str = "123456789:AAbench-token_0123456789abcdefghijklmnop";
 const SECRET: &str = "bench-secret_0123";
-/// Clock ticks per second (`getconf CLK_TCK`): 100 on Linux.
-const TICK_US: f64 = 10_000.0;
 
 // ------------------------------------------------------------------------------ the stub
 
@@ -401,34 +402,6 @@ fn open_deliveries(dir: &Path) -> i64 {
 }
 
 // ------------------------------------------------------------------------------ CPU figures
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = after.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
-/// (busy, total) clock ticks of the whole machine.
-fn machine_ticks() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = s
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
 
 /// CPU used between `begin` and `end`: the gateway's, this process's (stub and client),
 /// and the share of the machine other processes took.

@@ -29,6 +29,8 @@
 #[path = "../../tests/platforms/http_stub.rs"]
 mod http_stub;
 mod line;
+#[path = "../support/procfs.rs"]
+mod procfs;
 mod run;
 mod slack;
 #[path = "../support/mod.rs"]

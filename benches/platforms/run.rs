@@ -13,6 +13,7 @@ use hyper::body::Bytes;
 use serde_json::json;
 
 use super::http_stub::{self, StubResponse};
+use super::procfs;
 use super::support::{MakeRequest, drive, env_u64, median};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hermes-gateway");
@@ -140,33 +141,11 @@ struct Usage {
 
 impl Usage {
     fn of(pid: u32) -> Usage {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // After the command's `(name)`, which may hold spaces: utime and stime are the
-        // 12th and 13th fields.
-        let ticks: f64 = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| {
-                rest.split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|v| v.parse::<f64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0.0);
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as f64;
-        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-        let field = |name: &str| {
-            io.lines()
-                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-                .unwrap_or(0)
-        };
+        let pid = pid.to_string();
         Usage {
-            cpu_s: ticks / hz,
-            wchar: field("wchar:"),
-            disk: field("write_bytes:"),
+            cpu_s: procfs::cpu_ticks(&pid) as f64 * procfs::TICK_US / 1e6,
+            wchar: procfs::io(&pid, "wchar"),
+            disk: procfs::io(&pid, "write_bytes"),
         }
     }
 
