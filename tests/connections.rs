@@ -145,3 +145,109 @@ fn accept_failures_are_warned_about_once_per_period() {
     let r = read_response(&mut s).unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// Posts `size` bytes to `path` without reading anything until all are written, as a
+/// client that does not expect an early answer does; then reads the answer and the end.
+/// Returns the write error if any, the answer, and whether the connection then ended.
+fn post_all_then_read(
+    addr: SocketAddr,
+    path: &str,
+    size: usize,
+) -> (Option<std::io::Error>, std::io::Result<Response>, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    );
+    let chunk = vec![b' '; 64 * 1024];
+    let mut written = Err(None);
+    if let Err(e) = s.write_all(head.as_bytes()) {
+        written = Err(Some(e));
+    } else {
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if let Err(e) = s.write_all(&chunk[..n]) {
+                written = Err(Some(e));
+                break;
+            }
+            left -= n;
+        }
+        if left == 0 {
+            written = Ok(());
+        }
+    }
+    let mut r = BufReader::new(s);
+    let answer = read_response(&mut r);
+    let mut rest = Vec::new();
+    let ended = matches!(r.read_to_end(&mut rest), Ok(0));
+    (written.err().flatten(), answer, ended)
+}
+
+#[test]
+fn a_body_left_unread_is_taken_in_and_discarded_so_the_client_reads_its_answer() {
+    // 32 MiB: far more than the sockets' buffers hold, so that a connection closed with
+    // the body unread resets the client while it still writes (EPIPE/ECONNRESET).
+    const SIZE: usize = 32 << 20;
+    let setup = Setup::new("127.0.0.1:0", "");
+    let (gw, addr, _n) = start_api(&setup);
+    // Refused from its Content-Length (over [api] max_body), before a byte of it is read.
+    let (werr, answer, ended) = post_all_then_read(addr, "/v1/chat/completions", SIZE);
+    assert!(
+        werr.is_none(),
+        "the client could not write its body: {werr:?}"
+    );
+    let answer = answer.expect("the answer is read in full");
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert!(
+        answer.body.contains("error"),
+        "a JSON error: {}",
+        answer.body
+    );
+    assert!(ended, "the connection ends after the answer");
+    // A route that never reads its body.
+    let (werr, answer, ended) = post_all_then_read(addr, "/nowhere", SIZE);
+    assert!(
+        werr.is_none(),
+        "the client could not write its body: {werr:?}"
+    );
+    assert_eq!(answer.expect("the answer is read in full").status, 404);
+    assert!(ended);
+    // The gateway goes on serving.
+    assert_eq!(get(addr, "/health").unwrap().status, 200);
+    drop(gw);
+}
+
+#[test]
+fn a_lingering_connection_does_not_hold_up_a_stop() {
+    let setup = Setup::new("127.0.0.1:0", "");
+    let (mut gw, addr, _n) = start_api(&setup);
+    // Announces 32 MiB, sends a little, then nothing: the gateway answers 413 and lingers.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            32 << 20
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&[b' '; 1024]).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    assert_eq!(read_response(&mut r).unwrap().status, 413);
+    // The client still writes: the connection is kept, taking it in.
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(&[b' '; 1024])
+        .expect("the lingering connection still takes data");
+    let began = Instant::now();
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = gw.wait(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "the stop waited {:?} for the lingering connection",
+        began.elapsed()
+    );
+}

@@ -121,6 +121,16 @@ struct LoopContext {
     limit: Option<Arc<Semaphore>>,
 }
 
+/// After answering a request whose body it did not read to its end (an early 413, a 404
+/// or 401 to a POST), a connection is not simply closed: closing a socket with unread
+/// data makes the kernel answer the client's next segment with a reset, which may reach
+/// the client before it has read the answer (it sees `ECONNRESET`, not the 413). As
+/// nginx's `lingering_close`: stop writing (the client reads the answer, then the end),
+/// read and discard what still arrives, at most `LINGER_TIMEOUT` between two reads and
+/// `LINGER_TIME` in all (nginx's defaults), then close. A drain ends it at once.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
+const LINGER_TIME: Duration = Duration::from_secs(30);
+
 /// Accept failures (EMFILE, ENFILE, ENOBUFS…) come in bursts: one warning per this
 /// period, with the count of those not logged.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
@@ -251,6 +261,8 @@ impl Connection {
             .map(std::fs::File::from);
         let stream = Watched::new(stream);
         let unanswered = stream.unanswered.clone();
+        let unread = Arc::new(AtomicBool::new(false));
+        let unread_seen = unread.clone();
         let mut shutdown = self.shutdown.clone();
         let info = self.info.clone();
         let router = self.router.clone();
@@ -258,6 +270,13 @@ impl Connection {
         let tracker = self.tracker.clone();
         let cache = self.metrics.as_ref().map(|m| m.cache.clone());
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            // A new request: what an earlier one left unread was drained by hyper.
+            unread.store(false, Ordering::Relaxed);
+            let req = req.map(|body| Tracked {
+                inner: body,
+                ended: false,
+                unread: unread.clone(),
+            });
             handle(
                 req,
                 info.clone(),
@@ -271,33 +290,119 @@ impl Connection {
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_timeout)
             .serve_connection(TokioIo::new(stream), service);
-        tokio::pin!(conn);
-        let ended = |r: Result<(), hyper::Error>| {
-            if let Err(e) = r
-                && e.is_timeout()
-                && unanswered.load(Ordering::Relaxed)
-            {
+        // Served in a block of its own, so that hyper's handle on the socket is closed when
+        // it returns: `late_writer` is then the last one.
+        let ended = async {
+            tokio::pin!(conn);
+            let idle_grace = tokio::select! {
+                r = conn.as_mut() => return Some(r),
+                (_, grace) = shutdown.started() => grace,
+            };
+            // Draining: responses now say `Connection: close`. Let an idle client send one
+            // more request before the connection is closed under it.
+            tokio::select! {
+                r = conn.as_mut() => return Some(r),
+                _ = tokio::time::sleep(idle_grace) => conn.as_mut().graceful_shutdown(),
+            }
+            tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = shutdown.deadline() => {
+                    tracing::warn!(listener = %self.info.listener, peer = %self.info.peer,
+                        "drain deadline reached; closing connection");
+                    None
+                }
+            }
+        }
+        .await;
+        match ended {
+            Some(Err(e)) if e.is_timeout() && unanswered.load(Ordering::Relaxed) => {
                 // Part of a request arrived, but not its headers in time: say so.
                 request_timeout(late_writer, &self.info, self.header_timeout);
             }
-        };
-
-        let idle_grace = tokio::select! {
-            r = conn.as_mut() => return ended(r),
-            (_, grace) = shutdown.started() => grace,
-        };
-        // Draining: responses now say `Connection: close`. Let an idle client send one
-        // more request before the connection is closed under it.
-        tokio::select! {
-            r = conn.as_mut() => return ended(r),
-            _ = tokio::time::sleep(idle_grace) => conn.as_mut().graceful_shutdown(),
-        }
-        tokio::select! {
-            r = conn.as_mut() => ended(r),
-            _ = shutdown.deadline() => {
-                tracing::warn!(listener = %self.info.listener, peer = %self.info.peer,
-                    "drain deadline reached; closing connection");
+            Some(Ok(())) if unread_seen.load(Ordering::Relaxed) => {
+                if let Some(socket) = late_writer {
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = linger(socket) => {}
+                        _ = shutdown.started() => {}
+                    }
+                }
             }
+            _ => {}
+        }
+    }
+}
+
+/// A request's body, noting when it is dropped before its end (see [`LINGER_TIME`]).
+struct Tracked {
+    inner: Incoming,
+    ended: bool,
+    unread: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = hyper::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) {
+            self.ended = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        use http_body::Body as _;
+        if !self.ended && !self.inner.is_end_stream() {
+            self.unread.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Ends a connection whose last request was not read to its end: no more writing, then
+/// what the client still sends is read and discarded until it closes, or for at most
+/// [`LINGER_TIMEOUT`] without data and [`LINGER_TIME`] in all. `socket`: the last handle.
+async fn linger(socket: std::fs::File) {
+    use nix::sys::socket::{AddressFamily, Shutdown, SockaddrLike, SockaddrStorage};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use tokio::io::AsyncReadExt;
+    let fd = OwnedFd::from(socket);
+    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), Shutdown::Write);
+    let unix = nix::sys::socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(|a| a.family())
+        == Some(AddressFamily::Unix);
+    // The descriptor is already non-blocking (it shares the accepted socket's flags).
+    let stream: std::io::Result<Box<dyn AsyncRead + Unpin + Send>> = if unix {
+        tokio::net::UnixStream::from_std(fd.into()).map(|s| Box::new(s) as _)
+    } else {
+        tokio::net::TcpStream::from_std(fd.into()).map(|s| Box::new(s) as _)
+    };
+    let Ok(mut stream) = stream else {
+        return;
+    };
+    let end = tokio::time::Instant::now() + LINGER_TIME;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let until = end.min(tokio::time::Instant::now() + LINGER_TIMEOUT);
+        match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // The client closed, the socket failed, or the time is up.
+            _ => return,
         }
     }
 }
@@ -398,7 +503,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 }
 
 async fn handle(
-    mut req: Request<Incoming>,
+    mut req: Request<Tracked>,
     info: ConnInfo,
     router: axum::Router,
     shutdown: Shutdown,
