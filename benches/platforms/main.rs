@@ -21,7 +21,8 @@
 //! in the same rounds, with the ratios of rate and p99). `BENCH_INSTRUCTIONS=1` counts
 //! instead the gateway's instructions per message under callgrind (valgrind), which the
 //! machine's load does not change, optionally beside `BENCH_BASELINE=/path/to/hermes-gateway`
-//! (one connection, or BENCH_CONNS when set).
+//! (one connection, or BENCH_CONNS when set); `BENCH_CALLGRIND_OUT=PREFIX` keeps each
+//! profile as PREFIX.PLATFORM.SECS, for `callgrind_annotate --inclusive=yes`.
 //!
 //! A platform is a module giving its configuration section and its signed requests
 //! ([`run::Platform`]); `run` does the rest.

@@ -234,6 +234,9 @@ fn instructions(p: &Platform, bin: &str, base: &str, secs: u64) -> (u64, u64) {
     let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let _ = gw.child.wait();
+    if let Ok(keep) = std::env::var("BENCH_CALLGRIND_OUT") {
+        let _ = std::fs::copy(&out, format!("{keep}.{}.{secs}", p.name));
+    }
     let text = std::fs::read_to_string(&out).expect("callgrind's output");
     let total = text
         .lines()
