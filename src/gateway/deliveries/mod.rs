@@ -363,7 +363,9 @@ impl DeliveryLedger {
             }
             active.insert(row.id.clone(), bell.clone());
         }
-        let lane = match Target::from_json(&row.target) {
+        // Parsed once, here: a delivery's target does not change.
+        let target = Target::from_json(&row.target);
+        let lane = match &target {
             Target::Chat(c) if c.ordered => Some(c.lane()),
             _ => None,
         };
@@ -373,7 +375,7 @@ impl DeliveryLedger {
         let this = self.clone();
         tokio::spawn(async move {
             let id = row.id.clone();
-            this.drive(row, bell).await;
+            this.drive(row, target, bell).await;
             this.active().remove(&id);
             if let Some(l) = &lane {
                 this.leave_lane(l, &id);
@@ -382,10 +384,9 @@ impl DeliveryLedger {
     }
 
     /// One delivery, from its turn to its last attempt.
-    async fn drive(&self, mut row: DeliveryRow, bell: Arc<Notify>) {
+    async fn drive(&self, mut row: DeliveryRow, target: Target, bell: Arc<Notify>) {
         // Resumed in the middle of an attempt: the gateway stopped while it was sending.
         let cut_short = row.state == "attempting";
-        let target = Target::from_json(&row.target);
         // The turn's outcome, until a commit stores it.
         let mut unstored: Option<String> = None;
         if row.state == "received" {
