@@ -323,7 +323,7 @@ impl ChatStream {
         sse::event(
             None,
             None,
-            &Value::Object(self.chunk(delta, None)).to_string(),
+            &crate::gateway::json_text(&Value::Object(self.chunk(delta, None))),
         )
     }
 
@@ -344,7 +344,7 @@ impl ChatStream {
                 "error_code": error_code,
             }),
         );
-        sse::event(None, None, &Value::Object(m).to_string())
+        sse::event(None, None, &crate::gateway::json_text(&Value::Object(m)))
     }
 
     fn finished(&self, reply: &Reply) -> Bytes {
@@ -365,7 +365,7 @@ impl ChatStream {
                 }),
             );
         }
-        sse::event(None, None, &Value::Object(m).to_string())
+        sse::event(None, None, &crate::gateway::json_text(&Value::Object(m)))
     }
 }
 

@@ -79,7 +79,7 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
     let req: CreateRun = parse_json(&bytes).map_err(IntoResponse::into_response)?;
     // The canonical body (keys sorted) tells a repeat from another request under one key.
     let canonical = serde_json::from_slice::<Value>(&bytes)
-        .map(|v| v.to_string())
+        .map(|v| crate::gateway::json_text(&v))
         .unwrap_or_default();
     let key = match headers.get("idempotency-key") {
         None => None,
@@ -130,7 +130,7 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
         session_id: req.session_id,
         status: RunStatus::Queued,
         model: req.model.unwrap_or_else(|| s.model()),
-        input: Value::Array(messages.clone()).to_string(),
+        input: crate::gateway::json_text(&Value::Array(messages.clone())),
         output: None,
         error: None,
         idempotency_key: key.clone(),

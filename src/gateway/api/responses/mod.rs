@@ -528,7 +528,7 @@ async fn create_inner(s: Shared, headers: HeaderMap, body: Body) -> Result<Respo
                 input: input_json,
                 output: String::new(),
                 usage: None,
-                metadata: metadata.as_ref().map(Value::to_string),
+                metadata: metadata.as_ref().map(crate::gateway::json_text),
                 created_at,
             };
             let stored_end = stored_end.clone();
