@@ -1095,7 +1095,7 @@ fn reply_rows(messages: &[Arc<Value>], reply: &str) -> (Arc<Value>, Vec<String>)
     let rows = messages
         .iter()
         .chain([&answer])
-        .map(|m| m.to_string())
+        .map(|m| crate::gateway::json_text(m))
         .collect();
     (answer, rows)
 }

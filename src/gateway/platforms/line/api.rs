@@ -109,7 +109,7 @@ impl LineApi {
         let payload = match body {
             Some(b) => {
                 req = req.header(http::header::CONTENT_TYPE, "application/json");
-                Bytes::from(b.to_string())
+                Bytes::from(crate::gateway::json_text(b))
             }
             None => Bytes::new(),
         };
