@@ -161,28 +161,21 @@ fn post_all_then_read(
         "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
     );
     let chunk = vec![b' '; 64 * 1024];
-    let mut written = Err(None);
-    if let Err(e) = s.write_all(head.as_bytes()) {
-        written = Err(Some(e));
-    } else {
+    let written = (|| {
+        s.write_all(head.as_bytes())?;
         let mut left = size;
         while left > 0 {
             let n = left.min(chunk.len());
-            if let Err(e) = s.write_all(&chunk[..n]) {
-                written = Err(Some(e));
-                break;
-            }
+            s.write_all(&chunk[..n])?;
             left -= n;
         }
-        if left == 0 {
-            written = Ok(());
-        }
-    }
+        Ok(())
+    })();
     let mut r = BufReader::new(s);
     let answer = read_response(&mut r);
     let mut rest = Vec::new();
     let ended = matches!(r.read_to_end(&mut rest), Ok(0));
-    (written.err().flatten(), answer, ended)
+    (written.err(), answer, ended)
 }
 
 #[test]

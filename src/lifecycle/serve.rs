@@ -321,7 +321,6 @@ impl Connection {
             }
             Some(Ok(())) if unread_seen.load(Ordering::Relaxed) => {
                 if let Some(socket) = late_writer {
-                    let mut shutdown = self.shutdown.clone();
                     tokio::select! {
                         _ = linger(socket) => {}
                         _ = shutdown.started() => {}

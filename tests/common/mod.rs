@@ -459,21 +459,8 @@ impl Conn {
         }
         raw.push_str("\r\n");
         raw.push_str(body);
-        match self.send(&raw) {
-            Ok(()) => read_any_response(&mut self.r),
-            // A server may answer before it has read the whole body (413 on a
-            // Content-Length over its limit) and close: like curl, read the answer it
-            // sent, and report the write's error only when there is none.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                ) =>
-            {
-                read_any_response(&mut self.r).map_err(|_| e)
-            }
-            Err(e) => Err(e),
-        }
+        self.send(&raw)?;
+        read_any_response(&mut self.r)
     }
 }
 
