@@ -80,15 +80,20 @@ fn fds(pid: u32) -> usize {
 }
 
 fn db_bytes(state: &Path) -> u64 {
-    ["gateway.db", "gateway.db-wal"]
-        .iter()
-        .filter_map(|f| std::fs::metadata(state.join(f)).ok())
-        .map(|m| m.len())
-        .sum()
+    [
+        "gateway.db",
+        "gateway.db-wal",
+        "history.db",
+        "history.db-wal",
+    ]
+    .iter()
+    .filter_map(|f| std::fs::metadata(state.join(f)).ok())
+    .map(|m| m.len())
+    .sum()
 }
 
 /// Rows of the tables that retention prunes (runs, their events, deliveries, responses),
-/// and of the sessions' messages (history, kept until a session is deleted).
+/// and of the sessions' folded messages (`history.db`, kept until a session is deleted).
 fn rows(state: &Path) -> (i64, i64) {
     let Ok(c) = rusqlite::Connection::open_with_flags(
         state.join("gateway.db"),
@@ -102,7 +107,12 @@ fn rows(state: &Path) -> (i64, i64) {
             "SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM run_events) \
              + (SELECT count(*) FROM deliveries) + (SELECT count(*) FROM responses)",
         ),
-        count("SELECT count(*) FROM messages"),
+        rusqlite::Connection::open_with_flags(
+            state.join("history.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|h| h.query_row("SELECT count(*) FROM messages", [], |r| r.get(0)))
+        .unwrap_or(-1),
     )
 }
 

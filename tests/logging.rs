@@ -145,9 +145,14 @@ fn a_new_database_says_once_that_it_was_created() {
         assert_eq!(gw.wait(T).code(), Some(0));
         let lines = db_lines(&gw.stderr());
         if start == "first" {
-            assert_eq!(lines.len(), 1, "{lines:?}");
+            // One line per database file: everything, and the sessions' history.
+            assert_eq!(lines.len(), 2, "{lines:?}");
             assert!(
                 lines[0].contains("gateway.db: created at schema version "),
+                "{lines:?}"
+            );
+            assert!(
+                lines[1].contains("history.db: created at schema version 1"),
                 "{lines:?}"
             );
         } else {

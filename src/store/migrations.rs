@@ -203,7 +203,59 @@ const MIGRATIONS: &[&str] = &[
         updated_at = coalesce(
             (SELECT max(l.created_at) FROM turn_log l WHERE l.session_id = turn_log_next.session_id), 0);
     "#,
+    // 12: the history leaves for a file of its own (`history.db`, see `sessions`), folded
+    // into by a thread that never takes this file's write lock. The turn log becomes two
+    // tables, one appended to while the other is folded, each with its index of sessions
+    // (which now also keeps each session's first logged `seq`: a reader reads the history
+    // below it); and deleted sessions wait in `history_deletes` for the history's part.
+    // `messages` is moved at the first open and dropped then (it takes both files).
+    r#"
+    ALTER TABLE turn_log RENAME TO turn_log_0;
+    ALTER TABLE turn_log_next RENAME TO turn_log_next_0;
+    ALTER TABLE turn_log_next_0 ADD COLUMN first INTEGER NOT NULL DEFAULT 0;
+    UPDATE turn_log_next_0 SET first = coalesce(
+        (SELECT min(l.seq) FROM turn_log_0 l WHERE l.session_id = turn_log_next_0.session_id), 0);
+    CREATE TABLE turn_log_1 (
+        id          INTEGER PRIMARY KEY,
+        session_id  TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        message     TEXT NOT NULL,
+        run_id      TEXT,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE turn_log_next_1 (
+        session_id  TEXT PRIMARY KEY,
+        next        INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL DEFAULT 0,
+        updated_at  INTEGER NOT NULL DEFAULT 0,
+        first       INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE history_deletes (
+        id          INTEGER PRIMARY KEY,
+        session_id  TEXT NOT NULL
+    );
+    "#,
 ];
+
+/// The migrations of `history.db`, the folded messages (see `sessions`), which keeps its
+/// own `user_version`.
+pub const HISTORY: &[&str] = &[
+    // 1: the messages, as `gateway.db` kept them until its version 12 (without the foreign
+    // key to `sessions`, which a file cannot have on another's table).
+    r#"
+    CREATE TABLE messages (
+        session_id  TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        message     TEXT NOT NULL,
+        run_id      TEXT,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// The migrations of `gateway.db`.
+pub const MAIN: &[&str] = MIGRATIONS;
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -211,21 +263,31 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Brings the schema to [`SCHEMA_VERSION`]. A new database (version 0) logs one line, that
 /// it was created at that version; an older one logs each migration applied.
 pub fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    apply_list(conn, path, MIGRATIONS)
+}
+
+/// Brings a database's schema to the end of `migrations` (see [`apply`]).
+pub fn apply_list(
+    conn: &mut Connection,
+    path: &Path,
+    migrations: &[&str],
+) -> Result<(), StoreError> {
+    let latest = migrations.len() as i64;
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
         })?;
-    if found > SCHEMA_VERSION {
+    if found > latest {
         return Err(StoreError::SchemaTooNew {
             path: path.to_path_buf(),
             found,
-            known: SCHEMA_VERSION,
+            known: latest,
         });
     }
     let new = found <= 0;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+    for (i, sql) in migrations.iter().enumerate().skip(found.max(0) as usize) {
         let version = i as i64 + 1;
         let err = |source| StoreError::Migrate {
             path: path.to_path_buf(),
@@ -246,7 +308,7 @@ pub fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     }
     if new {
         tracing::info!(
-            "database {}: created at schema version {SCHEMA_VERSION}",
+            "database {}: created at schema version {latest}",
             path.display()
         );
     }

@@ -1,5 +1,7 @@
-//! Everything the gateway keeps on disk: one SQLite database (`gateway.db`, WAL) in the
-//! state folder, with versioned migrations applied at start.
+//! Everything the gateway keeps on disk: two SQLite databases in the state folder (WAL,
+//! versioned migrations applied at start): `gateway.db`, everything, and `history.db`,
+//! the sessions' folded messages (see [`sessions`]), which a thread of its own writes so
+//! that moving messages there never holds up a commit.
 //!
 //! SQLite never runs on the async runtime. Writes go to one dedicated writer thread through
 //! a channel; it runs every job that queued up meanwhile in one transaction (group commit),
@@ -23,6 +25,7 @@
 
 mod checkpoint;
 pub mod deliveries;
+mod folder;
 mod health;
 mod migrations;
 pub mod platforms;
@@ -45,16 +48,17 @@ pub use migrations::SCHEMA_VERSION;
 /// The database file inside the state folder.
 pub const DB_FILE: &str = "gateway.db";
 
-/// The turn log (see [`sessions`]) is folded into the sessions' tables after the first
-/// commit past this much time, or past `FOLD_AFTER_JOBS` jobs, whichever comes first;
-/// and when the writer goes idle or stops. A fold's cost is per message moved, whatever
-/// its size; a longer period means fewer, larger folds (and fewer stalls of the writer),
-/// and each session's pages written once per fold. Folds of at most 512 messages, tried
-/// for the p99 of chat platforms, rewrote every busy session's pages in each: an API turn
-/// wrote 8.3 KB instead of 3.2, its writer time went from 13 to 27 µs and its rate from
-/// 28,000 to 16,000/s (`cargo bench --bench api`).
+/// The folded messages, beside [`DB_FILE`].
+pub const HISTORY_FILE: &str = "history.db";
+
+/// The turn log (see [`sessions`]) is folded into the history this often while turns come
+/// (see `folder`), and at open and close. A fold's cost is per message moved, whatever its
+/// size; a longer period means fewer, larger folds, and each session's pages written once
+/// per fold. Folds of at most 512 messages, tried for the p99 of chat platforms, rewrote
+/// every busy session's pages in each: an API turn wrote 8.3 KB instead of 3.2, its writer
+/// time went from 13 to 27 µs and its rate from 28,000 to 16,000/s (`cargo bench --bench
+/// api`).
 pub const FOLD_EVERY: Duration = Duration::from_millis(500);
-const FOLD_AFTER_JOBS: usize = 16384;
 
 /// Bytes of WAL file kept when it starts over, when the checkpoint thread could not start
 /// (it cuts the file itself, once the gateway is quiet: see `checkpoint`).
@@ -115,6 +119,45 @@ struct Job {
     guarded: bool,
     run: JobFn,
 }
+
+impl Job {
+    /// A job running `f`, whose outcome (once its commit is known) `answer` gets, with
+    /// `on_commit`'s value when it committed.
+    fn new<T, U, F, C>(
+        guarded: bool,
+        f: F,
+        on_commit: C,
+        answer: impl FnOnce(Result<U, StoreError>) + Send + 'static,
+    ) -> Job
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        C: FnOnce(T) -> U + Send + 'static,
+    {
+        Job {
+            guarded,
+            run: Box::new(move |conn| match conn.map(f) {
+                Some(Ok(v)) => (
+                    Ran::Ok,
+                    Box::new(move |committed: Result<(), StoreError>| {
+                        answer(committed.map(|()| on_commit(v)));
+                    }),
+                ),
+                Some(Err(e)) => (
+                    Ran::failed(&e),
+                    Box::new(move |_| answer(Err(StoreError::Sqlite(e)))),
+                ),
+                // Not run: the batch's failure is the answer.
+                None => (
+                    Ran::Failed,
+                    Box::new(move |committed: Result<(), StoreError>| {
+                        answer(Err(committed.err().unwrap_or(StoreError::WriterGone)));
+                    }),
+                ),
+            }),
+        }
+    }
+}
 type JobFn = Box<dyn FnOnce(Option<&Connection>) -> (Ran, Completion) + Send>;
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
@@ -145,11 +188,55 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
+    /// [`HISTORY_FILE`], as SQLite takes a file name (UTF-8).
+    history: String,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     readers: Mutex<Vec<Connection>>,
     read_permits: tokio::sync::Semaphore,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    folding: Arc<folder::Shared>,
+    folder: Mutex<Option<std::thread::JoinHandle<()>>>,
     health: Arc<health::Health>,
+}
+
+impl Inner {
+    /// Queues `f` for the writer's next batch, for a caller off the runtime: the receiver
+    /// gets its outcome once its commit is known.
+    fn queue_blocking<T, F>(
+        &self,
+        guarded: bool,
+        f: F,
+    ) -> Result<mpsc::Receiver<Result<T, StoreError>>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        let job = Job::new(
+            guarded,
+            f,
+            |v| v,
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        self.writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .ok_or(StoreError::WriterGone)?
+            .send(job)
+            .map_err(|_| StoreError::WriterGone)?;
+        Ok(rx)
+    }
+}
+
+impl Drop for Inner {
+    /// A store dropped without [`Store::close`]: the folder stops (without a wait), and
+    /// the writer once its channel is gone.
+    fn drop(&mut self) {
+        self.folding.stop();
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -188,15 +275,20 @@ impl Store {
     }
 
     /// [`Store::open`]; `fold_every: None` folds the turn log only at open, at close and
-    /// when a job asks (tests that look at the log).
+    /// when asked ([`Store::fold`]: tests that look at the log).
     fn open_folding(state_dir: &Path, fold_every: Option<Duration>) -> Result<Store, StoreError> {
         let path = state_dir.join(DB_FILE);
+        let history_path = state_dir.join(HISTORY_FILE);
         let open_err = |source| StoreError::Open {
             path: path.clone(),
             source,
         };
+        let history = utf8(&history_path)?.to_owned();
         if !exists(&path) && !exists(&sibling(&path, "-wal")) {
-            create(&path)?;
+            create(&path, migrations::MAIN)?;
+        }
+        if !exists(&history_path) && !exists(&sibling(&history_path, "-wal")) {
+            create(&history_path, migrations::HISTORY)?;
         }
         let mut conn = Connection::open(&path).map_err(open_err)?;
         configure(&conn).map_err(open_err)?;
@@ -207,8 +299,10 @@ impl Store {
         conn.pragma_update(None, "synchronous", "full")
             .map_err(open_err)?;
         migrations::apply(&mut conn, &path)?;
-        // What the last run logged and did not fold (it was killed, say).
-        fold_now(&mut conn).map_err(open_err)?;
+        // What the last run logged and did not fold (it was killed, say); the messages of a
+        // database from before version 12.
+        let mut folding = open_history(&history_path, &path)?;
+        fold_all(&mut conn, &mut folding).map_err(open_err)?;
         // Checkpoints beside the writer rather than in its commits (see `checkpoint`); if
         // the checkpointer cannot start, the writer's commits checkpoint as SQLite does.
         let checkpointer = match checkpoint::Checkpointer::start(&path) {
@@ -238,23 +332,42 @@ impl Store {
         let (tx, rx) = mpsc::channel::<Job>();
         let answers = Answers::start();
         let health = Arc::new(health::Health::default());
-        let writer_health = health.clone();
+        let folding_shared = Arc::new(folder::Shared::default());
+        let writer = Writer {
+            answers,
+            health: health.clone(),
+            folding: folding_shared.clone(),
+            main: path.clone(),
+            history: history_path.clone(),
+            checkpointer,
+        };
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || {
-                writer_loop(conn, rx, fold_every, answers, &writer_health, checkpointer);
-            })
+            .spawn(move || writer.run(conn, rx))
             .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                path,
-                writer: Mutex::new(Some(tx)),
-                readers: Mutex::new(Vec::new()),
-                read_permits: tokio::sync::Semaphore::new(READERS),
-                thread: Mutex::new(Some(thread)),
-                health,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            path,
+            history,
+            writer: Mutex::new(Some(tx)),
+            readers: Mutex::new(Vec::new()),
+            read_permits: tokio::sync::Semaphore::new(READERS),
+            thread: Mutex::new(Some(thread)),
+            folding: folding_shared.clone(),
+            folder: Mutex::new(None),
+            health,
+        });
+        let folder = folder::start(folding_shared, Arc::downgrade(&inner), folding, fold_every)
+            .map_err(|e| StoreError::Commit(format!("cannot start the folder thread: {e}")))?;
+        *inner.folder.lock().unwrap_or_else(PoisonError::into_inner) = Some(folder);
+        Ok(Store { inner })
+    }
+
+    /// Folds the turn log into the history now, and returns the messages moved (see
+    /// `folder`): for tests that look at either, and tools that want the log empty.
+    pub async fn fold(&self) -> Result<usize, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.folding.ask(tx);
+        rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
     pub fn path(&self) -> &Path {
@@ -346,30 +459,9 @@ impl Store {
         C: FnOnce(T) -> U + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job = Job {
-            guarded,
-            run: Box::new(move |conn| match conn.map(f) {
-                Some(Ok(v)) => (
-                    Ran::Ok,
-                    Box::new(move |committed: Result<(), StoreError>| {
-                        let _ = tx.send(committed.map(|()| on_commit(v)));
-                    }),
-                ),
-                Some(Err(e)) => (
-                    Ran::failed(&e),
-                    Box::new(move |_| {
-                        let _ = tx.send(Err(StoreError::Sqlite(e)));
-                    }),
-                ),
-                // Not run: the batch's failure is the answer.
-                None => (
-                    Ran::Failed,
-                    Box::new(move |committed: Result<(), StoreError>| {
-                        let _ = tx.send(Err(committed.err().unwrap_or(StoreError::WriterGone)));
-                    }),
-                ),
-            }),
-        };
+        let job = Job::new(guarded, f, on_commit, move |r| {
+            let _ = tx.send(r);
+        });
         self.sender()
             .ok_or(StoreError::WriterGone)?
             .send(job)
@@ -471,6 +563,7 @@ impl Store {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 configure(&c)?;
+                c.execute("ATTACH DATABASE ?1 AS history", [&self.inner.history])?;
                 c
             }
         };
@@ -487,8 +580,19 @@ impl Store {
         Ok(r?)
     }
 
-    /// Stops the writer after the jobs already queued, and waits for it.
+    /// Stops the folder, then the writer after the jobs already queued, and waits for
+    /// both.
     pub fn close(&self) {
+        self.inner.folding.stop();
+        let folder = self
+            .inner
+            .folder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = folder {
+            let _ = t.join();
+        }
         self.inner
             .writer
             .lock()
@@ -508,7 +612,8 @@ impl Store {
 
 /// Runs `f` in one read transaction, so that all its statements see the same commit: a
 /// session read from the turn log and then from the folded tables must not see a fold
-/// commit in between (it would find the same messages in both).
+/// commit in between (it would find the same messages in both). `history.db`'s snapshot
+/// is taken when a statement first reads it, after `gateway.db`'s (see [`sessions`]).
 fn snapshot<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
@@ -520,6 +625,17 @@ fn snapshot<T>(
     let v = r?;
     ended?;
     Ok(v)
+}
+
+/// `path` as the UTF-8 file name `ATTACH` takes.
+fn utf8(path: &Path) -> Result<&str, StoreError> {
+    path.to_str().ok_or_else(|| StoreError::Create {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "SQLite attaches only UTF-8 file names",
+        ),
+    })
 }
 
 fn exists(p: &Path) -> bool {
@@ -539,7 +655,7 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 /// and the commit). It is built beside `path` without syncs and renamed into place once
 /// it is on disk, so a crash meanwhile leaves a stray `.new` file, never a damaged
 /// database.
-fn create(path: &Path) -> Result<(), StoreError> {
+fn create(path: &Path, schema: &[&str]) -> Result<(), StoreError> {
     let tmp = sibling(path, ".new");
     let io = |source| StoreError::Create {
         path: tmp.clone(),
@@ -561,7 +677,7 @@ fn create(path: &Path) -> Result<(), StoreError> {
         .map_err(open_err)?;
     conn.pragma_update(None, "journal_mode", "wal")
         .map_err(open_err)?;
-    migrations::apply(&mut conn, path)?;
+    migrations::apply_list(&mut conn, path, schema)?;
     // Closing the last connection checkpoints the WAL into the file and removes it.
     conn.close().map_err(|(_, e)| open_err(e))?;
     std::fs::File::open(&tmp)
@@ -599,94 +715,85 @@ fn writer_busy(tries: i32) -> bool {
     true
 }
 
-fn writer_loop(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Job>,
-    fold_every: Option<Duration>,
+/// The writer thread's parts.
+struct Writer {
     answers: Answers,
-    health: &health::Health,
+    health: Arc<health::Health>,
+    folding: Arc<folder::Shared>,
+    main: PathBuf,
+    history: PathBuf,
     checkpointer: Option<checkpoint::Checkpointer>,
-) {
-    let mut batch: VecDeque<Job> = VecDeque::with_capacity(MAX_BATCH);
-    let mut last_fold = Instant::now();
-    let mut since_fold = 0usize;
-    loop {
-        if batch.is_empty() {
-            let next = match fold_every {
-                Some(every) => rx.recv_timeout(every),
-                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            };
-            match next {
-                Ok(first) => batch.push_back(first),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    // Idle: fold what the last jobs logged.
-                    if since_fold > 0 {
-                        fold_logged(&mut conn, "folding the turn log", health);
-                        since_fold = 0;
-                        last_fold = Instant::now();
+}
+
+impl Writer {
+    fn run(self, mut conn: Connection, rx: mpsc::Receiver<Job>) {
+        let health = &*self.health;
+        let mut batch: VecDeque<Job> = VecDeque::with_capacity(MAX_BATCH);
+        loop {
+            if batch.is_empty() {
+                match rx.recv() {
+                    Ok(first) => batch.push_back(first),
+                    Err(mpsc::RecvError) => break,
+                }
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => batch.push_back(j),
+                    Err(_) => break,
+                }
+            }
+            let ran = batch.len();
+            let mut done = Vec::with_capacity(ran);
+            let changes = conn.total_changes();
+            let began = Instant::now();
+            let result = run_batch(&mut conn, &mut batch, &mut done);
+            match &result {
+                Ok(_) => crate::metrics::store_commit(began.elapsed()),
+                Err(StoreError::Sqlite(e)) => crate::metrics::store_error(health::kind(e)),
+                // An unavailable job's failure was counted where it failed.
+                Err(_) => {}
+            }
+            let failed = match result {
+                Ok(unavailable) => {
+                    // Only what committed went to the turn log.
+                    self.folding.committed(ran - batch.len());
+                    match unavailable {
+                        Some(reason) => health.failed(&reason),
+                        // Wrote something: the database can write again.
+                        None if conn.total_changes() > changes => health.committed(),
+                        None => {}
                     }
-                    continue;
+                    None
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push_back(j),
-                Err(_) => break,
-            }
-        }
-        let ran = batch.len();
-        let mut done = Vec::with_capacity(ran);
-        let changes = conn.total_changes();
-        let began = Instant::now();
-        let result = run_batch(&mut conn, &mut batch, &mut done);
-        match &result {
-            Ok(_) => crate::metrics::store_commit(began.elapsed()),
-            Err(StoreError::Sqlite(e)) => crate::metrics::store_error(health::kind(e)),
-            // An unavailable job's failure was counted where it failed.
-            Err(_) => {}
-        }
-        let failed = match result {
-            Ok(unavailable) => {
-                // Only what committed went to the turn log.
-                since_fold += ran - batch.len();
-                match unavailable {
-                    Some(reason) => health.failed(&reason),
-                    // Wrote something: the database can write again.
-                    None if conn.total_changes() > changes => health.committed(),
-                    None => {}
+                Err(e) => {
+                    let f = Failure::from(e);
+                    if f.unavailable {
+                        health.failed(&f.message);
+                    } else {
+                        tracing::error!(
+                            "store: commit of {} writes failed: {}",
+                            done.len(),
+                            f.message
+                        );
+                    }
+                    Some(f)
                 }
-                None
-            }
-            Err(e) => {
-                let f = Failure::from(e);
-                if f.unavailable {
-                    health.failed(&f.message);
-                } else {
-                    tracing::error!(
-                        "store: commit of {} writes failed: {}",
-                        done.len(),
-                        f.message
-                    );
-                }
-                Some(f)
-            }
-        };
-        answers.send(done, failed);
-        if fold_every.is_some_and(|every| {
-            since_fold >= FOLD_AFTER_JOBS || (since_fold > 0 && last_fold.elapsed() >= every)
-        }) {
-            fold_logged(&mut conn, "folding the turn log", health);
-            since_fold = 0;
-            last_fold = Instant::now();
+            };
+            self.answers.send(done, failed);
         }
-    }
-    fold_logged(&mut conn, "folding the turn log at close", health);
-    // Before the writer's connection closes: the last to close checkpoints what is left.
-    // (The WAL hook may still nudge the stopped thread: that ask goes nowhere.)
-    if let Some(c) = checkpointer {
-        c.stop();
+        // The folder has stopped (`Store::close`, or the store was dropped): what is left in
+        // the log goes to the history now, so that the next start has nothing to fold.
+        let folded = open_history(&self.history, &self.main)
+            .map_err(|e| e.to_string())
+            .and_then(|mut h| fold_all(&mut conn, &mut h).map_err(|e| e.to_string()));
+        if let Err(e) = folded {
+            tracing::error!("store: folding the turn log at close failed: {e}");
+        }
+        // Before the writer's connection closes: the last to close checkpoints what is left.
+        // (The WAL hook may still nudge the stopped thread: that ask goes nowhere.)
+        if let Some(c) = self.checkpointer {
+            c.stop();
+        }
     }
 }
 
@@ -765,43 +872,55 @@ fn answer(done: Vec<Completion>, failed: Option<Failure>) {
     }
 }
 
-/// [`fold_now`], logging a failure: the log stays as it was, for the next fold. A database
-/// that cannot write makes the store degraded; a fold that moved something ends that.
-fn fold_logged(conn: &mut Connection, what: &str, health: &health::Health) {
-    let changes = conn.total_changes();
-    let began = Instant::now();
-    match fold_now(conn) {
-        Ok(()) if conn.total_changes() > changes => {
-            crate::metrics::store_fold(began.elapsed());
-            health.committed()
-        }
-        Ok(()) => {}
-        Err(e) if health::unavailable(&e) => health.failed(&e.to_string()),
-        Err(e) => tracing::error!("store: {what} failed: {e}"),
-    }
+/// Opens `history.db` for folding into it: read-write, synced in full, with `gateway.db`
+/// (`main`) attached as `live`, which it only reads.
+fn open_history(history: &Path, main: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: history.to_path_buf(),
+        source,
+    };
+    let mut conn = Connection::open(history).map_err(open_err)?;
+    configure(&conn).map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "wal")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", "full")
+        .map_err(open_err)?;
+    // Nothing cuts this WAL file when the gateway is quiet: back to this when it restarts.
+    conn.pragma_update(None, "journal_size_limit", WAL_KEPT)
+        .map_err(open_err)?;
+    migrations::apply_list(&mut conn, history, migrations::HISTORY)?;
+    conn.execute("ATTACH DATABASE ?1 AS live", [utf8(main)?])
+        .map_err(open_err)?;
+    Ok(conn)
 }
 
-/// Folds the turn log in a transaction of its own.
-///
-/// Without foreign-key checks: the fold upserts every session before it inserts their
-/// messages, so each message's session is there by construction, and checking it cost a
-/// lookup per message. And with `synchronous = NORMAL`: a fold moves what is already on
-/// disk, and changes nothing a reader sees, so its commit need not wait for the disk; if
-/// the machine loses it, the messages are still in the log (the next commit's sync
-/// covers the fold's pages before its own, the WAL being written in order). (Neither
-/// setting can change inside a transaction, hence here.)
-fn fold_now(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "foreign_keys", false)?;
-    conn.pragma_update(None, "synchronous", "normal")?;
-    let r = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .and_then(|tx| {
-            sessions::fold(&tx)?;
-            tx.commit()
-        });
-    conn.pragma_update(None, "synchronous", "full")?;
-    conn.pragma_update(None, "foreign_keys", true)?;
-    r
+/// Folds the whole turn log into the history, at open and close (nothing else writes
+/// either file then): `main` is the writer's connection, `history` from [`open_history`].
+/// First moves the messages of a database from before version 12 out of `gateway.db`.
+fn fold_all(main: &mut Connection, history: &mut Connection) -> rusqlite::Result<()> {
+    let legacy: bool = main.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages')",
+        [],
+        |r| r.get(0),
+    )?;
+    if legacy {
+        let tx = history.transaction()?;
+        let moved = tx.execute(
+            "INSERT OR IGNORE INTO messages (session_id, seq, message, run_id, created_at)
+             SELECT session_id, seq, message, run_id, created_at FROM live.messages",
+            [],
+        )?;
+        tx.commit()?;
+        main.execute_batch("DROP TABLE messages")?;
+        tracing::info!("database: {moved} messages moved to {HISTORY_FILE}");
+    }
+    for table in 0..2 {
+        let (_, deletes) = sessions::fold_into_history(history, table)?;
+        let tx = main.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        sessions::clear_folded(&tx, table, deletes)?;
+        tx.commit()?;
+    }
+    Ok(())
 }
 
 /// Runs the jobs of `batch` in one transaction and commits it, pushing each job's

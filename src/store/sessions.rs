@@ -1,21 +1,38 @@
 //! Sessions and their message history.
 //!
-//! A turn's messages are appended to `turn_log`, a table without a secondary index: every
-//! turn of a group commit writes to the same few pages at its tail, so a commit writes a
-//! handful of pages whatever the number of sessions in it. `turn_log_next` holds, for each
-//! session in the log, the next `seq` and the times of its first and last logged messages
-//! (one row per session: a few pages). [`fold`] moves
-//! the log into `messages` and `sessions` in one statement each; the writer runs it every
-//! [`super::FOLD_EVERY`] (and at open and close), so that each session's pages are
-//! written once per fold rather than once per turn.
+//! Three places hold a session's messages, and every read here sees them together, so
+//! that moving messages from one to the next changes nothing a reader can observe:
 //!
-//! Every read here sees the log and the folded tables together, so a fold changes nothing
-//! a reader can observe. A read of a session that `turn_log_next` does not list touches
-//! the folded tables only; one that it lists scans the log, which folds keep to at most a
-//! few thousand rows.
+//! - **The turn log**, two tables in `gateway.db` (`turn_log_0`, `turn_log_1`) without a
+//!   secondary index. A turn's messages are appended to the *active* one (the writer
+//!   thread's choice, [`flip`]): every turn of a group commit writes to the same few pages
+//!   at its tail, so a commit writes a handful of pages whatever the number of sessions
+//!   in it. Beside each, `turn_log_next_N` holds one row per session logged there: the
+//!   next `seq`, the `seq` of its first message there, and the times of its first and last.
+//! - **`history.messages`**, in a file of its own (`history.db`), where the folder thread
+//!   moves the inactive log ([`fold_into_history`]) in a transaction that takes nothing
+//!   from the writer: `gateway.db` is only read. A fold never stalls the commits that
+//!   acknowledge messages.
+//! - **`sessions`**, in `gateway.db`: each folded session's count and times, updated by
+//!   the writer when it empties the folded log ([`clear_folded`], a short job).
+//!
+//! The two files do not commit together, so each step is safe to repeat: the fold
+//! inserts `OR IGNORE` (a message is keyed by session and `seq`) and the log is emptied
+//! only after the history's commit is on disk. Between the two, a message is in both; a
+//! reader takes it from the log, and reads from `history.messages` only the `seq`s below
+//! the session's first logged one. A reader reads `gateway.db` before `history.db`, so
+//! its snapshot of the history is never older than the one of the log: a message it no
+//! longer finds in the log is in the history it sees.
+//!
+//! A deleted session leaves a row in `history_deletes`, in the same commit as the rest of
+//! its deletion; the next fold deletes its messages from the history before it inserts
+//! any (those of a new session under the same id come after), and the writer drops the
+//! row when it empties the log. Until then a reader ignores the history of a session that
+//! neither `sessions` nor the log knows.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
+use std::cell::Cell;
 
 /// One stored session, without its messages.
 #[derive(Debug, Clone, Serialize)]
@@ -36,97 +53,209 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
     })
 }
 
-/// Moves every logged message into `messages`, and the sessions' counts and times into
-/// `sessions`. Runs inside the caller's transaction. Returns the messages moved.
-pub fn fold(conn: &Connection) -> rusqlite::Result<usize> {
-    // An empty log changes nothing: no page is touched, and a commit has nothing to sync
-    // (clearing the empty table would still dirty its root page).
-    let empty: bool = conn
-        .prepare_cached("SELECT NOT EXISTS (SELECT 1 FROM turn_log)")?
-        .query_row([], |r| r.get(0))?;
-    if empty {
-        return Ok(0);
+thread_local! {
+    /// The log table appends go to, on this thread (the writer's choice; 0 elsewhere).
+    static ACTIVE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The log table to fold next, which no append reaches from the next job on: the
+/// inactive one while it holds anything (a fold that was cut short, to be done again);
+/// else the active one, the other becoming active on this thread (the writer's). So a
+/// table is folded only once the one before it is emptied, and the log always holds a
+/// session's newest messages: readers rely on it.
+pub(super) fn flip(conn: &Connection) -> rusqlite::Result<usize> {
+    let active = ACTIVE.with(Cell::get);
+    let other = 1 - active;
+    if !log_empty(conn, other)? {
+        return Ok(other);
     }
-    // From the log's index of sessions, which keeps each one's count and times as turns
-    // are appended: scanning and sorting the log for them was a third of a fold's time.
-    // `WHERE true`: an upsert after a SELECT needs a WHERE for the parser.
+    ACTIVE.with(|a| a.set(other));
+    Ok(active)
+}
+
+fn log_empty(conn: &Connection, table: usize) -> rusqlite::Result<bool> {
+    const EMPTY: PerLog = [
+        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_0)",
+        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_1)",
+    ];
+    conn.prepare_cached(EMPTY[table])?
+        .query_row([], |r| r.get(0))
+}
+
+/// A statement for each log table: `[for turn_log_0, for turn_log_1]`.
+type PerLog = [&'static str; 2];
+
+/// What `turn_log_next_0` and `_1` know of a session: its count (the next `seq`), the
+/// `seq` of its first logged message, and the times of its first and last.
+#[derive(Debug, Clone, Copy)]
+struct Logged {
+    next: i64,
+    first: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+fn logged(conn: &Connection, id: &str) -> rusqlite::Result<Option<Logged>> {
     conn.prepare_cached(
+        "SELECT max(next), min(first), min(created_at), max(updated_at), count(*) FROM (
+             SELECT next, first, created_at, updated_at FROM turn_log_next_0 WHERE session_id = ?1
+             UNION ALL
+             SELECT next, first, created_at, updated_at FROM turn_log_next_1 WHERE session_id = ?1)",
+    )?
+    .query_row([id], |r| {
+        if r.get::<_, i64>(4)? == 0 {
+            return Ok(None);
+        }
+        let n = |i| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0));
+        Ok(Some(Logged {
+            next: n(0)?,
+            first: n(1)?,
+            created_at: n(2)?,
+            updated_at: n(3)?,
+        }))
+    })
+}
+
+/// The `seq` below which a session's messages are read from the history: the first one
+/// logged, or all of them for a session known only folded, or none for one that neither
+/// `sessions` nor the log knows (deleted, its history not yet).
+fn history_bound(logged: Option<&Logged>, folded: bool) -> i64 {
+    match logged {
+        Some(l) => l.first,
+        None if folded => i64::MAX,
+        None => 0,
+    }
+}
+
+/// Moves the log table `table` (one the writer no longer appends to, see [`flip`]) into
+/// `messages`, after deleting the history of the sessions deleted since the last fold.
+/// `conn` is the history database with `gateway.db` attached as `live`; it commits
+/// (synced) here. Returns the messages moved (fewer when a repeat found them there) and
+/// the last `history_deletes` row applied, for [`clear_folded`].
+pub(super) fn fold_into_history(
+    conn: &mut Connection,
+    table: usize,
+) -> rusqlite::Result<(usize, Option<i64>)> {
+    const MOVE: PerLog = [
+        "INSERT OR IGNORE INTO messages (session_id, seq, message, run_id, created_at)
+         SELECT session_id, seq, message, run_id, created_at FROM live.turn_log_0 ORDER BY id",
+        "INSERT OR IGNORE INTO messages (session_id, seq, message, run_id, created_at)
+         SELECT session_id, seq, message, run_id, created_at FROM live.turn_log_1 ORDER BY id",
+    ];
+    // Deferred: the first statement takes the history's write lock and a snapshot of
+    // `gateway.db`, which every statement after it sees; `gateway.db` is never locked
+    // for writing. Deletions first: a session deleted and begun again under the same id
+    // has its new messages logged after its deletion.
+    let tx = conn.transaction()?;
+    tx.prepare_cached(
+        "DELETE FROM messages WHERE session_id IN (SELECT session_id FROM live.history_deletes)",
+    )?
+    .execute([])?;
+    let deletes: Option<i64> = tx
+        .prepare_cached("SELECT max(id) FROM live.history_deletes")?
+        .query_row([], |r| r.get(0))?;
+    let moved = tx.prepare_cached(MOVE[table])?.execute([])?;
+    tx.commit()?;
+    Ok((moved, deletes))
+}
+
+/// Whether the log or the deletions hold anything to fold (`conn` as for
+/// [`fold_into_history`]).
+pub(super) fn anything_to_fold(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM live.turn_log_0) OR EXISTS (SELECT 1 FROM live.turn_log_1)
+             OR EXISTS (SELECT 1 FROM live.history_deletes)",
+    )?
+    .query_row([], |r| r.get(0))
+}
+
+/// The writer's part of a fold, once [`fold_into_history`] committed the log table
+/// `table`: the folded sessions' counts and times into `sessions`, then the table, its
+/// index of sessions and the deletions applied (up to `deletes`) emptied.
+pub(super) fn clear_folded(
+    conn: &Connection,
+    table: usize,
+    deletes: Option<i64>,
+) -> rusqlite::Result<()> {
+    // `WHERE true`: an upsert after a SELECT needs a WHERE for the parser.
+    const SESSIONS: PerLog = [
         "INSERT INTO sessions (id, created_at, updated_at, messages)
-         SELECT session_id, created_at, updated_at, next FROM turn_log_next
-         WHERE true
+         SELECT session_id, created_at, updated_at, next FROM turn_log_next_0 WHERE true
          ON CONFLICT (id) DO UPDATE SET
              updated_at = max(updated_at, excluded.updated_at),
              messages = max(messages, excluded.messages)",
-    )?
-    .execute([])?;
-    // `OR FAIL`: a statement that may stop half-way on a conflict keeps its rows so far, so
-    // SQLite copies none of the pages it changes into a statement journal (a plain insert
-    // of many rows copies each, to undo itself): 6.0 ms instead of 7.1 for 6,500 messages.
-    // A conflict cannot happen (each session's numbers follow its messages), and if it
-    // did, the fold's error rolls its whole transaction back.
-    let moved = conn
-        .prepare_cached(
-            "INSERT OR FAIL INTO messages (session_id, seq, message, run_id, created_at)
-             SELECT session_id, seq, message, run_id, created_at FROM turn_log ORDER BY id",
-        )?
-        .execute([])?;
-    conn.prepare_cached("DELETE FROM turn_log")?.execute([])?;
-    conn.prepare_cached("DELETE FROM turn_log_next")?
-        .execute([])?;
-    Ok(moved)
+        "INSERT INTO sessions (id, created_at, updated_at, messages)
+         SELECT session_id, created_at, updated_at, next FROM turn_log_next_1 WHERE true
+         ON CONFLICT (id) DO UPDATE SET
+             updated_at = max(updated_at, excluded.updated_at),
+             messages = max(messages, excluded.messages)",
+    ];
+    const CLEAR: PerLog = ["DELETE FROM turn_log_0", "DELETE FROM turn_log_1"];
+    const CLEAR_NEXT: PerLog = ["DELETE FROM turn_log_next_0", "DELETE FROM turn_log_next_1"];
+    // An empty table changes nothing: clearing it would still dirty its root page.
+    if !log_empty(conn, table)? {
+        conn.prepare_cached(SESSIONS[table])?.execute([])?;
+        conn.prepare_cached(CLEAR[table])?.execute([])?;
+        conn.prepare_cached(CLEAR_NEXT[table])?.execute([])?;
+    }
+    if let Some(last) = deletes {
+        conn.prepare_cached("DELETE FROM history_deletes WHERE id <= ?1")?
+            .execute([last])?;
+    }
+    Ok(())
 }
 
-/// Sessions, most recently updated first. Call after a [`fold`] (the API's list does):
-/// sessions whose first turn is still in the log are not listed.
+/// Sessions, most recently updated first, logged ones included.
 pub fn list(conn: &Connection, limit: u32, offset: u32) -> rusqlite::Result<Vec<SessionRow>> {
+    // A session of the page is either logged, or among the first `offset + limit` of
+    // `sessions` by its own `updated_at` (a logged session's is older than its true one,
+    // which only moves it up): those few rows, not the whole table, are merged.
     let mut st = conn.prepare_cached(
-        "SELECT id, created_at, updated_at, messages FROM sessions
-         ORDER BY updated_at DESC, id LIMIT ?1 OFFSET ?2",
+        "SELECT id, min(created_at), max(updated_at), max(messages) FROM (
+             SELECT * FROM (SELECT id, created_at, updated_at, messages FROM sessions
+                            ORDER BY updated_at DESC LIMIT ?3)
+             UNION ALL
+             SELECT session_id, created_at, updated_at, next FROM turn_log_next_0
+             UNION ALL
+             SELECT session_id, created_at, updated_at, next FROM turn_log_next_1)
+         GROUP BY id ORDER BY 3 DESC, id LIMIT ?1 OFFSET ?2",
     )?;
-    st.query_map(params![limit, offset], row)?.collect()
+    let head = i64::from(limit) + i64::from(offset);
+    st.query_map(params![limit, offset, head], row)?.collect()
 }
 
 /// Sessions stored, logged ones included.
 pub fn count(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row(
-        "SELECT count(*) FROM (SELECT id FROM sessions UNION SELECT session_id FROM turn_log_next)",
+        "SELECT count(*) FROM (SELECT id FROM sessions
+             UNION SELECT session_id FROM turn_log_next_0
+             UNION SELECT session_id FROM turn_log_next_1)",
         [],
         |r| r.get(0),
     )
 }
 
-/// The number of messages of a session that has some in the log (`None`: it has none
-/// there). A primary-key lookup: readers ask this before they scan the log.
-fn logged(conn: &Connection, id: &str) -> rusqlite::Result<Option<i64>> {
-    conn.prepare_cached("SELECT next FROM turn_log_next WHERE session_id = ?1")?
-        .query_row([id], |r| r.get(0))
+fn folded(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> {
+    conn.prepare_cached("SELECT id, created_at, updated_at, messages FROM sessions WHERE id = ?1")?
+        .query_row([id], row)
         .optional()
 }
 
 pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> {
-    let folded = conn
-        .prepare_cached("SELECT id, created_at, updated_at, messages FROM sessions WHERE id = ?1")?
-        .query_row([id], row)
-        .optional()?;
-    let logged: Option<(i64, i64, i64)> = conn
-        .prepare_cached(
-            "SELECT next, created_at, updated_at FROM turn_log_next WHERE session_id = ?1",
-        )?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    let Some((messages, created_at, updated_at)) = logged else {
+    let folded = folded(conn, id)?;
+    let Some(l) = logged(conn, id)? else {
         return Ok(folded);
     };
     Ok(Some(match folded {
         None => SessionRow {
             id: id.to_owned(),
-            created_at,
-            updated_at,
-            messages,
+            created_at: l.created_at,
+            updated_at: l.updated_at,
+            messages: l.next,
         },
         Some(s) => SessionRow {
-            updated_at: s.updated_at.max(updated_at),
-            messages: s.messages.max(messages),
+            updated_at: s.updated_at.max(l.updated_at),
+            messages: s.messages.max(l.next),
             ..s
         },
     }))
@@ -134,8 +263,9 @@ pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> 
 
 /// The last `limit` messages of a session, oldest first, as stored JSON objects.
 pub fn history(conn: &Connection, id: &str, limit: u32) -> rusqlite::Result<Vec<String>> {
-    let logged = logged(conn, id)?.is_some();
-    history_of(conn, id, limit, logged)
+    let logged = logged(conn, id)?;
+    let folded = logged.is_some() || folded(conn, id)?.is_some();
+    history_of(conn, id, limit, logged.as_ref(), folded)
 }
 
 /// The number of messages a session holds (0 when it does not exist) and its last
@@ -146,35 +276,46 @@ pub fn recent(conn: &Connection, id: &str, limit: u32) -> rusqlite::Result<(i64,
         .query_row([id], |r| r.get(0))
         .optional()?;
     let logged = logged(conn, id)?;
-    let stored = match (folded, logged) {
+    let stored = match (folded, &logged) {
         (None, None) => return Ok((0, Vec::new())),
-        (f, l) => f.unwrap_or(0).max(l.unwrap_or(0)),
+        (f, l) => f.unwrap_or(0).max(l.map_or(0, |l| l.next)),
     };
-    Ok((stored, history_of(conn, id, limit, logged.is_some())?))
+    Ok((
+        stored,
+        history_of(conn, id, limit, logged.as_ref(), folded.is_some())?,
+    ))
 }
 
 fn history_of(
     conn: &Connection,
     id: &str,
     limit: u32,
-    logged: bool,
+    logged: Option<&Logged>,
+    folded: bool,
 ) -> rusqlite::Result<Vec<String>> {
-    // The logged messages are the newest: take from the log first, then from the folded.
+    // The logged messages are the newest: take from the log first, then from the history,
+    // below the first logged `seq`.
     let mut newest_first: Vec<String> = Vec::new();
-    if logged {
+    if logged.is_some() {
         let mut st = conn.prepare_cached(
-            "SELECT message FROM turn_log WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2",
+            "SELECT message FROM (
+                 SELECT seq, message FROM turn_log_0 WHERE session_id = ?1
+                 UNION ALL
+                 SELECT seq, message FROM turn_log_1 WHERE session_id = ?1)
+             ORDER BY seq DESC LIMIT ?2",
         )?;
         for m in st.query_map(params![id, limit], |r| r.get(0))? {
             newest_first.push(m?);
         }
     }
     let rest = limit.saturating_sub(newest_first.len() as u32);
-    if rest > 0 {
+    let below = history_bound(logged, folded);
+    if rest > 0 && below > 0 {
         let mut st = conn.prepare_cached(
-            "SELECT message FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2",
+            "SELECT message FROM history.messages WHERE session_id = ?1 AND seq < ?3
+             ORDER BY seq DESC LIMIT ?2",
         )?;
-        for m in st.query_map(params![id, rest], |r| r.get(0))? {
+        for m in st.query_map(params![id, rest, below], |r| r.get(0))? {
             newest_first.push(m?);
         }
     }
@@ -202,32 +343,55 @@ pub fn append_at(
     run_id: Option<&str>,
     now: i64,
 ) -> rusqlite::Result<i64> {
-    let first: i64 = conn
-        .prepare_cached(
-            "SELECT coalesce(
-                 (SELECT next FROM turn_log_next WHERE session_id = ?1),
-                 (SELECT messages FROM sessions WHERE id = ?1),
-                 0)",
-        )?
-        .query_row([id], |r| r.get(0))?;
-    let mut ins = conn.prepare_cached(
-        "INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
+    // The active table's index first: a session logged there has its count there.
+    const FIRST: PerLog = [
+        "SELECT coalesce(
+             (SELECT next FROM turn_log_next_0 WHERE session_id = ?1),
+             (SELECT next FROM turn_log_next_1 WHERE session_id = ?1),
+             (SELECT messages FROM sessions WHERE id = ?1),
+             0)",
+        "SELECT coalesce(
+             (SELECT next FROM turn_log_next_1 WHERE session_id = ?1),
+             (SELECT next FROM turn_log_next_0 WHERE session_id = ?1),
+             (SELECT messages FROM sessions WHERE id = ?1),
+             0)",
+    ];
+    const INSERT: PerLog = [
+        "INSERT INTO turn_log_0 (session_id, seq, message, run_id, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    for (i, m) in messages.iter().enumerate() {
-        ins.execute(params![id, first + i as i64, m, run_id, now])?;
-    }
-    // The session's count and the times of its first and last logged messages, for reads
-    // and the fold.
-    conn.prepare_cached(
-        "INSERT INTO turn_log_next (session_id, next, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?3)
+        "INSERT INTO turn_log_1 (session_id, seq, message, run_id, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    ];
+    // The session's count, its first `seq` in this table, and the times of its first and
+    // last messages there, for reads and the fold.
+    const NEXT: PerLog = [
+        "INSERT INTO turn_log_next_0 (session_id, next, first, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?4)
          ON CONFLICT (session_id) DO UPDATE SET
              next = excluded.next,
              created_at = min(created_at, excluded.created_at),
              updated_at = max(updated_at, excluded.updated_at)",
-    )?
-    .execute(params![id, first + messages.len() as i64, now])?;
+        "INSERT INTO turn_log_next_1 (session_id, next, first, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?4)
+         ON CONFLICT (session_id) DO UPDATE SET
+             next = excluded.next,
+             created_at = min(created_at, excluded.created_at),
+             updated_at = max(updated_at, excluded.updated_at)",
+    ];
+    let active = ACTIVE.with(Cell::get);
+    let first: i64 = conn
+        .prepare_cached(FIRST[active])?
+        .query_row([id], |r| r.get(0))?;
+    let mut ins = conn.prepare_cached(INSERT[active])?;
+    for (i, m) in messages.iter().enumerate() {
+        ins.execute(params![id, first + i as i64, m, run_id, now])?;
+    }
+    conn.prepare_cached(NEXT[active])?.execute(params![
+        id,
+        first + messages.len() as i64,
+        first,
+        now
+    ])?;
     Ok(first)
 }
 
@@ -257,33 +421,41 @@ pub fn history_until(
     limit: u32,
 ) -> rusqlite::Result<Vec<String>> {
     let start = (end - i64::from(limit)).max(0);
-    // The log holds the newest messages, the folded table the others: a range of seq
-    // may span both, and a message is in exactly one of them at any snapshot.
+    let logged = logged(conn, id)?;
+    let folded = logged.is_some() || folded(conn, id)?.is_some();
+    let below = history_bound(logged.as_ref(), folded).min(end);
+    // The log holds the newest messages, the history the others: a range of seq may span
+    // both, and a message in both is taken from the log.
     let mut st = conn.prepare_cached(
-        "SELECT seq, message FROM turn_log WHERE session_id = ?1 AND seq >= ?2 AND seq < ?3
+        "SELECT seq, message FROM turn_log_0 WHERE session_id = ?1 AND seq >= ?2 AND seq < ?3
          UNION ALL
-         SELECT seq, message FROM messages WHERE session_id = ?1 AND seq >= ?2 AND seq < ?3
+         SELECT seq, message FROM turn_log_1 WHERE session_id = ?1 AND seq >= ?2 AND seq < ?3
+         UNION ALL
+         SELECT seq, message FROM history.messages WHERE session_id = ?1 AND seq >= ?2 AND seq < ?4
          ORDER BY 1",
     )?;
-    st.query_map(params![id, start, end], |r| r.get(1))?
+    st.query_map(params![id, start, end, below], |r| r.get(1))?
         .collect()
 }
 
-/// Deletes a session and its messages; whether it existed.
+/// Deletes a session and its messages; whether it existed. Its history goes with the
+/// next fold (see the module's documentation).
 pub fn delete(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached("DELETE FROM session_keys WHERE session_id = ?1")?
         .execute([id])?;
-    let logged = conn
-        .prepare_cached("DELETE FROM turn_log WHERE session_id = ?1")?
-        .execute([id])?;
-    conn.prepare_cached("DELETE FROM turn_log_next WHERE session_id = ?1")?
-        .execute([id])?;
-    // The foreign key's cascade would do it; said here too, so that a delete never
-    // depends on the connection's `foreign_keys` setting (the writer turns it off to fold).
-    conn.prepare_cached("DELETE FROM messages WHERE session_id = ?1")?
-        .execute([id])?;
-    let folded = conn
-        .prepare_cached("DELETE FROM sessions WHERE id = ?1")?
-        .execute([id])?;
-    Ok(logged + folded > 0)
+    let mut existed = 0;
+    for sql in [
+        "DELETE FROM turn_log_0 WHERE session_id = ?1",
+        "DELETE FROM turn_log_1 WHERE session_id = ?1",
+        "DELETE FROM turn_log_next_0 WHERE session_id = ?1",
+        "DELETE FROM turn_log_next_1 WHERE session_id = ?1",
+        "DELETE FROM sessions WHERE id = ?1",
+    ] {
+        existed += conn.prepare_cached(sql)?.execute([id])?;
+    }
+    if existed > 0 {
+        conn.prepare_cached("INSERT INTO history_deletes (session_id) VALUES (?1)")?
+            .execute([id])?;
+    }
+    Ok(existed > 0)
 }

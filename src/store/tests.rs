@@ -151,8 +151,18 @@ async fn a_new_database_is_built_aside_and_renamed_into_place() {
     );
 }
 
+/// Messages in the turn log, both tables.
 fn logged(c: &Connection) -> rusqlite::Result<i64> {
-    c.query_row("SELECT count(*) FROM turn_log", [], |r| r.get(0))
+    c.query_row(
+        "SELECT (SELECT count(*) FROM turn_log_0) + (SELECT count(*) FROM turn_log_1)",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Messages in the history (a reader's connection has it attached).
+fn in_history(c: &Connection) -> rusqlite::Result<i64> {
+    c.query_row("SELECT count(*) FROM history.messages", [], |r| r.get(0))
 }
 
 #[tokio::test]
@@ -166,7 +176,7 @@ async fn reads_see_the_same_session_before_and_after_the_log_is_folded() {
             .await
             .unwrap();
     }
-    assert_eq!(s.write(sessions::fold).await.unwrap(), 2);
+    assert_eq!(s.fold().await.unwrap(), 2);
     let m: Vec<String> = (2..4).map(|i| format!("{{\"n\":{i}}}")).collect();
     let first = s
         .write(move |c| sessions::append_at(c, "s", &m, Some("run"), 30))
@@ -190,7 +200,7 @@ async fn reads_see_the_same_session_before_and_after_the_log_is_folded() {
     assert_eq!(row, Some((10, 30, 4)));
     assert_eq!(history, ["{\"n\":1}", "{\"n\":2}", "{\"n\":3}"]);
     assert_eq!(count, 1);
-    assert_eq!(s.write(sessions::fold).await.unwrap(), 2);
+    assert_eq!(s.fold().await.unwrap(), 2);
     let after = read(s.clone()).await;
     assert_eq!(
         after,
@@ -213,11 +223,7 @@ async fn a_session_only_in_the_log_is_found_and_deleted() {
     assert_eq!((row.created_at, row.updated_at, row.messages), (5, 5, 2));
     assert!(s.write(|c| sessions::delete(c, "new")).await.unwrap());
     assert!(s.read(|c| sessions::get(c, "new")).await.unwrap().is_none());
-    assert_eq!(
-        s.write(sessions::fold).await.unwrap(),
-        0,
-        "nothing left to fold"
-    );
+    assert_eq!(s.fold().await.unwrap(), 0, "nothing left to fold");
     assert_eq!(s.read(sessions::count).await.unwrap(), 0);
 }
 
@@ -287,7 +293,8 @@ async fn a_long_wal_file_is_kept_while_commits_come_and_cut_once_quiet() {
 #[tokio::test]
 async fn a_long_wal_is_checkpointed_beside_the_writer_and_commits_go_on() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
+    // No fold: the log keeps the messages in gateway.db.
+    let s = Store::open_folding(dir.path(), None).unwrap();
     let db = dir.path().join(DB_FILE);
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let before = size(&db);
@@ -339,10 +346,10 @@ async fn the_writer_folds_the_log_by_itself_and_at_open() {
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
         c.execute_batch(
-            "INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
+            "INSERT INTO turn_log_1 (session_id, seq, message, run_id, created_at)
              VALUES ('a', 1, '{\"late\":1}', NULL, 2);
-             INSERT INTO turn_log_next (session_id, next, created_at, updated_at)
-             VALUES ('a', 2, 2, 2);",
+             INSERT INTO turn_log_next_1 (session_id, next, first, created_at, updated_at)
+             VALUES ('a', 2, 1, 2, 2);",
         )
         .unwrap();
     }
@@ -374,7 +381,7 @@ async fn numbering_goes_on_across_folds_and_starts_over_after_a_delete() {
     assert_eq!(append(&s, 2).await, 2, "numbering goes on within the log");
     let (stored, history) = s.read(|c| sessions::recent(c, "s", 3)).await.unwrap();
     assert_eq!((stored, history.len()), (4, 3), "read from the log");
-    assert_eq!(s.write(sessions::fold).await.unwrap(), 4);
+    assert_eq!(s.fold().await.unwrap(), 4);
     assert_eq!(append(&s, 1).await, 4, "and on from the folded messages");
     let (stored, history) = s.read(|c| sessions::recent(c, "s", 10)).await.unwrap();
     assert_eq!(stored, 5);
@@ -387,16 +394,26 @@ async fn numbering_goes_on_across_folds_and_starts_over_after_a_delete() {
     assert_eq!(append(&s, 1).await, 0, "a deleted session starts over");
     let next: Vec<(String, i64)> = s
         .read(|c| {
-            c.prepare("SELECT session_id, next FROM turn_log_next")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect()
+            c.prepare(
+                "SELECT session_id, next FROM turn_log_next_0
+                 UNION ALL SELECT session_id, next FROM turn_log_next_1",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
         })
         .await
         .unwrap();
     assert_eq!(next, [("s".to_string(), 1)]);
-    assert_eq!(s.write(sessions::fold).await.unwrap(), 1);
+    assert_eq!(s.fold().await.unwrap(), 1);
     let left: i64 = s
-        .read(|c| c.query_row("SELECT count(*) FROM turn_log_next", [], |r| r.get(0)))
+        .read(|c| {
+            c.query_row(
+                "SELECT (SELECT count(*) FROM turn_log_next_0)
+                     + (SELECT count(*) FROM turn_log_next_1)",
+                [],
+                |r| r.get(0),
+            )
+        })
         .await
         .unwrap();
     assert_eq!(left, 0, "a fold empties the log's index of sessions too");
@@ -516,95 +533,284 @@ async fn unguarded_then_and_detached_jobs_share_their_commit_s_fate() {
     assert_eq!(found, (false, true));
 }
 
-#[test]
-fn a_fold_that_meets_a_conflict_moves_nothing() {
-    let d = tempfile::tempdir().unwrap();
-    Store::open_folding(d.path(), None).unwrap().close();
-    let mut c = Connection::open(d.path().join(DB_FILE)).unwrap();
-    // Three logged messages of `s`, the last of which a stored message already numbers.
-    c.execute_batch(
-        "INSERT INTO sessions (id, created_at, updated_at, messages) VALUES ('s', 1, 1, 3);
-         INSERT INTO messages (session_id, seq, message, run_id, created_at)
-             VALUES ('s', 2, '{\"old\":1}', NULL, 1);
-         INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
-             VALUES ('s', 0, '{}', NULL, 2), ('s', 1, '{}', NULL, 2), ('s', 2, '{}', NULL, 2);
-         INSERT INTO turn_log_next (session_id, next, created_at, updated_at)
-             VALUES ('s', 3, 2, 2);",
-    )
-    .unwrap();
-    assert!(fold_now(&mut c).is_err(), "the conflict fails the fold");
-    let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
-    assert_eq!(count("SELECT count(*) FROM turn_log"), 3, "the log is kept");
-    assert_eq!(count("SELECT count(*) FROM turn_log_next"), 1);
-    assert_eq!(
-        count("SELECT count(*) FROM messages"),
-        1,
-        "the messages moved before the conflict are undone"
-    );
-    assert_eq!(count("SELECT updated_at FROM sessions WHERE id = 's'"), 1);
+/// A connection on the history with `gateway.db` attached, as the folder has.
+fn folding(dir: &Path) -> Connection {
+    open_history(&dir.join(HISTORY_FILE), &dir.join(DB_FILE)).unwrap()
 }
 
 #[tokio::test]
-async fn a_fold_without_foreign_key_checks_leaves_them_on_and_deletes_still_cascade() {
+async fn a_fold_cut_short_after_the_history_s_commit_is_done_again_without_a_double() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    s.write(|c| sessions::append(c, "s", &["{\"n\":0}".into(), "{\"n\":1}".into()], None, 1))
+        .await
+        .unwrap();
+    // The fold's first two steps, and a crash before the writer empties the log.
+    let table = s.write(sessions::flip).await.unwrap();
+    let (moved, _) = sessions::fold_into_history(&mut folding(d.path()), table).unwrap();
+    assert_eq!(moved, 2);
+    let (in_log, stored, history) = s
+        .read(|c| Ok((logged(c)?, in_history(c)?, sessions::history(c, "s", 10)?)))
+        .await
+        .unwrap();
+    assert_eq!((in_log, stored), (2, 2), "in both files at once");
+    assert_eq!(history, ["{\"n\":0}", "{\"n\":1}"], "and read once");
+    drop(s);
+    // The next open folds the log again: the copies already there are kept, not doubled.
+    let s = Store::open_folding(d.path(), None).unwrap();
+    let (in_log, stored, row) = s
+        .read(|c| Ok((logged(c)?, in_history(c)?, sessions::get(c, "s")?)))
+        .await
+        .unwrap();
+    assert_eq!((in_log, stored), (0, 2));
+    assert_eq!(row.map(|r| r.messages), Some(2));
+    s.close();
+}
+
+#[tokio::test]
+async fn messages_leave_gateway_db_for_the_history_file_at_close() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open_folding(d.path(), None).unwrap();
     s.write(|c| sessions::append(c, "s", &["{}".into(), "{}".into()], None, 1))
         .await
         .unwrap();
     s.close();
-    // Reopening folds with `fold_now`, the writer's own fold.
+    let main = Connection::open(d.path().join(DB_FILE)).unwrap();
+    assert_eq!(logged(&main).unwrap(), 0, "the log is folded at close");
+    let has_messages: bool = main
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'messages')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!has_messages, "gateway.db keeps no messages table");
+    let history = Connection::open(d.path().join(HISTORY_FILE)).unwrap();
+    let n: i64 = history
+        .query_row(
+            "SELECT count(*) FROM messages WHERE session_id = 's'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 2);
+}
+
+#[tokio::test]
+async fn a_session_deleted_and_begun_again_under_its_id_keeps_only_its_new_messages() {
+    let d = tempfile::tempdir().unwrap();
     let s = Store::open_folding(d.path(), None).unwrap();
-    let (in_log, in_messages) = s
-        .read(|c| {
+    let old: Vec<String> = (0..3).map(|i| format!("{{\"old\":{i}}}")).collect();
+    s.write(move |c| sessions::append(c, "s", &old, None, 1))
+        .await
+        .unwrap();
+    assert_eq!(s.fold().await.unwrap(), 3);
+    assert!(s.write(|c| sessions::delete(c, "s")).await.unwrap());
+    // Deleted, its history not yet: nothing of it is read.
+    let read = |s: Store| async move {
+        s.read(|c| {
             Ok((
-                logged(c)?,
-                c.query_row("SELECT count(*) FROM messages", [], |r| r.get::<_, i64>(0))?,
+                sessions::history(c, "s", 10)?,
+                sessions::recent(c, "s", 10)?,
+                sessions::history_until(c, "s", 3, 10)?,
             ))
         })
         .await
-        .unwrap();
-    assert_eq!((in_log, in_messages), (0, 2));
-    let fk: bool = s
-        .write(|c| c.pragma_query_value(None, "foreign_keys", |r| r.get(0)))
+        .unwrap()
+    };
+    let none: Vec<String> = Vec::new();
+    assert_eq!(
+        read(s.clone()).await,
+        (none.clone(), (0, none.clone()), none)
+    );
+    let new: Vec<String> = (0..2).map(|i| format!("{{\"new\":{i}}}")).collect();
+    let first = s
+        .write_unguarded({
+            let new = new.clone();
+            move |c| sessions::append_at(c, "s", &new, None, 5)
+        })
         .await
         .unwrap();
-    assert!(fk, "foreign keys are checked again after the fold");
-    let sync: i64 = s
-        .write(|c| c.pragma_query_value(None, "synchronous", |r| r.get(0)))
+    assert_eq!(first, 0, "begun again from 0");
+    let expect = (new.clone(), (2, new.clone()), new.clone());
+    assert_eq!(read(s.clone()).await, expect, "before the fold");
+    assert_eq!(s.fold().await.unwrap(), 2);
+    assert_eq!(read(s.clone()).await, expect, "after it");
+    let stored = s.read(in_history).await.unwrap();
+    assert_eq!(stored, 2, "the old messages are gone from the history");
+    s.close();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    assert_eq!(read(s.clone()).await, expect, "after a reopen");
+}
+
+#[tokio::test]
+async fn commits_go_on_while_the_history_is_locked_and_the_fold_waits() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    s.write(|c| sessions::append(c, "a", &["{}".into()], None, 1))
         .await
         .unwrap();
-    assert_eq!(sync, 2, "commits are synced in full again after the fold");
-    assert!(s.write(|c| sessions::delete(c, "s")).await.unwrap());
-    let left: i64 = s
-        .read(|c| c.query_row("SELECT count(*) FROM messages", [], |r| r.get(0)))
+    // Another connection holds the history's write lock, as a long fold would.
+    let outside = Connection::open(d.path().join(HISTORY_FILE)).unwrap();
+    outside.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let fold = tokio::spawn({
+        let s = s.clone();
+        async move { s.fold().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Turns commit meanwhile: the writer never waits for the history.
+    let began = std::time::Instant::now();
+    for i in 0..20 {
+        let m = vec![format!("{{\"i\":{i}}}")];
+        s.write(move |c| sessions::append(c, "b", &m, None, 2))
+            .await
+            .unwrap();
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "commits waited {:?} for the history's lock",
+        began.elapsed()
+    );
+    assert!(!fold.is_finished(), "the fold waits for the history's lock");
+    // Everything is read meanwhile, from the log.
+    let (a, b) = s
+        .read(|c| Ok((sessions::recent(c, "a", 50)?, sessions::recent(c, "b", 50)?)))
         .await
         .unwrap();
-    assert_eq!(left, 0, "deleting a session deletes its folded messages");
+    assert_eq!((a.0, a.1.len(), b.0, b.1.len()), (1, 1, 20, 20));
+    outside.execute_batch("COMMIT").unwrap();
+    assert_eq!(
+        fold.await.unwrap().unwrap(),
+        1,
+        "it moves the table it left"
+    );
+    assert_eq!(s.fold().await.unwrap(), 20, "then the other one");
+    let (in_log, stored) = s.read(|c| Ok((logged(c)?, in_history(c)?))).await.unwrap();
+    assert_eq!((in_log, stored), (0, 21));
+}
+
+/// Appends, deletes, folds and every step of a fold alone (a fold cut short), in a random
+/// order: after each, every session reads as a plain list of its messages would.
+#[tokio::test]
+async fn any_mix_of_appends_deletes_and_fold_steps_reads_every_session_right() {
+    use std::collections::BTreeMap;
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    let mut history = folding(d.path());
+    let mut model: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    let ids = ["a", "b", "c"];
+    // A small xorshift: the same sequence on every run, many interleavings in one.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    // The table the last flip left, and the deletions its copy applied.
+    let mut left: Option<(usize, Option<Option<i64>>)> = None;
+    for step in 0..600 {
+        let id = ids[next(3) as usize];
+        match next(10) {
+            0..=3 => {
+                let k = 1 + next(3) as usize;
+                let held = model.entry(id).or_default();
+                let m: Vec<String> = (0..k)
+                    .map(|i| format!("{{\"{id}\":{},\"step\":{step}}}", held.len() + i))
+                    .collect();
+                held.extend(m.iter().cloned());
+                s.write_unguarded(move |c| sessions::append_at(c, id, &m, None, step))
+                    .await
+                    .unwrap();
+            }
+            4 => {
+                let existed = s.write(move |c| sessions::delete(c, id)).await.unwrap();
+                assert_eq!(
+                    existed,
+                    model.remove(id).is_some(),
+                    "step {step}: delete {id}"
+                );
+            }
+            5 => left = Some((s.write(sessions::flip).await.unwrap(), None)),
+            6 => {
+                if let Some((table, copied)) = &mut left {
+                    let (_, deletes) = sessions::fold_into_history(&mut history, *table).unwrap();
+                    *copied = Some(deletes);
+                }
+            }
+            7 => {
+                if let Some((table, Some(deletes))) = left.take() {
+                    s.write(move |c| sessions::clear_folded(c, table, deletes))
+                        .await
+                        .unwrap();
+                }
+            }
+            _ => {
+                s.fold().await.unwrap();
+                left = None;
+            }
+        }
+        for id in ids {
+            let (row, recent, until) = s
+                .read(move |c| {
+                    Ok((
+                        sessions::get(c, id)?.map(|r| r.messages),
+                        sessions::recent(c, id, 4)?,
+                        sessions::history_until(c, id, 3, 2)?,
+                    ))
+                })
+                .await
+                .unwrap();
+            let want = model.get(id).cloned().unwrap_or_default();
+            let n = want.len();
+            assert_eq!(
+                row,
+                model.get(id).map(|m| m.len() as i64),
+                "step {step}: session {id}"
+            );
+            assert_eq!(recent.0, n as i64, "step {step}: count of {id}");
+            assert_eq!(
+                recent.1,
+                want[n.saturating_sub(4)..],
+                "step {step}: last of {id}"
+            );
+            assert_eq!(
+                until,
+                want[n.min(1)..n.min(3)],
+                "step {step}: {id} as it was at 3"
+            );
+        }
+        let count = s.read(sessions::count).await.unwrap();
+        assert_eq!(count, model.len() as i64, "step {step}: sessions");
+    }
+    s.close();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    for (id, want) in &model {
+        let id = *id;
+        let got = s
+            .read(move |c| sessions::history(c, id, 1000))
+            .await
+            .unwrap();
+        assert_eq!(&got, want, "{id} after a reopen");
+    }
 }
 
 #[tokio::test]
 async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_message() {
     let dir = tempfile::tempdir().unwrap();
-    Store::open(dir.path()).unwrap().close();
-    // What the previous release (schema 3) left when it was killed mid-run.
+    // What a release of schema 3 left when it was killed mid-run: a folded message and
+    // two logged ones.
     {
         let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        for sql in &migrations::MAIN[..3] {
+            c.execute_batch(sql).unwrap();
+        }
         c.execute_batch(
-            "DROP INDEX runs_finished;
-             DROP INDEX deliveries_run;
-             DROP TABLE responses;
-             DROP TABLE session_keys;
-             DROP TABLE schedules;
-             ALTER TABLE deliveries DROP COLUMN progress;
-             DROP TABLE platform_offsets;
-             DROP TABLE platform_chats;
-             DROP TABLE platform_users;
-             DROP TABLE platform_restarts;
-             DROP INDEX deliveries_finished;
-             DROP TABLE turn_log_next;
-             CREATE INDEX turn_log_session ON turn_log (session_id, seq);
+            "INSERT INTO sessions (id, created_at, updated_at, messages) VALUES ('old', 1, 1, 1);
+             INSERT INTO messages (session_id, seq, message, run_id, created_at)
+                 VALUES ('old', 0, '{\"n\":0}', NULL, 1);
              INSERT INTO turn_log (session_id, seq, message, run_id, created_at)
-                 VALUES ('old', 0, '{\"n\":0}', NULL, 1), ('old', 1, '{\"n\":1}', NULL, 2);
+                 VALUES ('old', 1, '{\"n\":1}', NULL, 2), ('old', 2, '{\"n\":2}', NULL, 3);
              PRAGMA user_version = 3;",
         )
         .unwrap();
@@ -621,22 +827,30 @@ async fn a_version_3_database_with_an_unfolded_log_upgrades_without_losing_a_mes
         .await
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
-    assert_eq!(history, (2, vec!["{\"n\":0}".into(), "{\"n\":1}".into()]));
+    assert_eq!(
+        history,
+        (
+            3,
+            vec!["{\"n\":0}".into(), "{\"n\":1}".into(), "{\"n\":2}".into()]
+        )
+    );
     // Its times, which migration 11 took from the log for the fold at open.
     let row = row.expect("the session");
-    assert_eq!((row.created_at, row.updated_at, row.messages), (1, 2, 2));
+    assert_eq!((row.created_at, row.updated_at, row.messages), (1, 3, 3));
+    let (in_log, stored) = s.read(|c| Ok((logged(c)?, in_history(c)?))).await.unwrap();
+    assert_eq!((in_log, stored), (0, 3), "all in history.db");
     let first = s
-        .write_unguarded(|c| sessions::append_at(c, "old", &["{}".into()], None, 3))
+        .write_unguarded(|c| sessions::append_at(c, "old", &["{}".into()], None, 4))
         .await
         .unwrap();
-    assert_eq!(first, 2);
+    assert_eq!(first, 3);
 }
 
 #[tokio::test]
-async fn a_read_sees_one_commit_even_when_a_fold_commits_in_the_middle_of_it() {
+async fn a_read_that_straddles_a_fold_reads_each_message_once() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open_folding(d.path(), None).unwrap();
-    s.write(|c| sessions::append(c, "s", &["{}".into(), "{}".into()], None, 1))
+    s.write(|c| sessions::append(c, "s", &["{\"n\":0}".into(), "{\"n\":1}".into()], None, 1))
         .await
         .unwrap();
     let (mid_tx, mid_rx) = std::sync::mpsc::channel::<()>();
@@ -648,8 +862,8 @@ async fn a_read_sees_one_commit_even_when_a_fold_commits_in_the_middle_of_it() {
                 let in_log = logged(c)?;
                 mid_tx.send(()).unwrap();
                 go_rx.recv().unwrap();
-                let folded: i64 = c.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?;
-                Ok((in_log, folded))
+                // Its snapshot of the history is taken now, after the whole fold.
+                Ok((in_log, in_history(c)?, sessions::history(c, "s", 10)?))
             })
             .unwrap()
         }
@@ -657,33 +871,16 @@ async fn a_read_sees_one_commit_even_when_a_fold_commits_in_the_middle_of_it() {
     tokio::task::spawn_blocking(move || mid_rx.recv().unwrap())
         .await
         .unwrap();
-    // The fold commits between the reader's two statements.
-    assert_eq!(s.write(sessions::fold).await.unwrap(), 2);
+    // The fold (the history's commit, then the log emptied) between the reader's reads.
+    assert_eq!(s.fold().await.unwrap(), 2);
     go_tx.send(()).unwrap();
-    let (in_log, folded) = reader.join().unwrap();
+    let (in_log, in_history, history) = reader.join().unwrap();
     assert_eq!(
-        (in_log, folded),
-        (2, 0),
-        "both statements see the commit before the fold, not one on each side"
+        (in_log, in_history),
+        (2, 2),
+        "the log as it was before the fold, the history after it"
     );
-}
-
-#[tokio::test]
-async fn a_delete_removes_folded_messages_even_without_foreign_key_checks() {
-    let d = tempfile::tempdir().unwrap();
-    let s = Store::open_folding(d.path(), None).unwrap();
-    s.write(|c| sessions::append(c, "s", &["{}".into(), "{}".into()], None, 1))
-        .await
-        .unwrap();
-    assert_eq!(s.write(sessions::fold).await.unwrap(), 2);
-    s.close();
-    let c = Connection::open(d.path().join(DB_FILE)).unwrap();
-    c.pragma_update(None, "foreign_keys", false).unwrap();
-    assert!(sessions::delete(&c, "s").unwrap());
-    let left: i64 = c
-        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(left, 0, "no orphaned messages");
+    assert_eq!(history, ["{\"n\":0}", "{\"n\":1}"], "each message once");
 }
 
 /// A delivery in `state`, last updated at `updated_at`, with a finished run and an event.

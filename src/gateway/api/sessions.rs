@@ -35,22 +35,12 @@ pub async fn list(State(s): State<Shared>, q: Result<Query<Page>, QueryRejection
         Err(e) => return e.into_response(),
     };
     let (limit, offset) = (p.limit.unwrap_or(100).clamp(1, 1000), p.offset.unwrap_or(0));
-    let store = s.sessions.store();
-    // Sessions are listed from their folded rows, in updated order: fold the turn log first,
-    // so that every turn answered before this request is counted. A store that cannot
-    // write cannot fold: the list is read as it is (its counts may miss the last turns).
-    let folded = match store.degraded() {
-        Some(_) => Ok(0),
-        None => store.write(store::sessions::fold).await,
-    };
-    let listed = match folded {
-        Err(e) if !e.is_unavailable() => Err(e),
-        _ => {
-            store
-                .read(move |c| store::sessions::list(c, limit, offset))
-                .await
-        }
-    };
+    // Logged sessions included: every turn answered before this request is counted.
+    let listed = s
+        .sessions
+        .store()
+        .read(move |c| store::sessions::list(c, limit, offset))
+        .await;
     match listed {
         Err(e) => store_error(e),
         Ok(rows) => Json(json!({
