@@ -132,6 +132,10 @@ fn run(shared: &Shared, inner: &Weak<Inner>, mut conn: Connection, every: Option
             continue;
         }
         let r = fold(shared, inner, &mut conn);
+        if r.is_err() {
+            // Tried again at the next period, even if no job commits meanwhile.
+            shared.pending.fetch_add(pending.max(1), Ordering::Relaxed);
+        }
         match (&r, &mut failing) {
             (Err(StoreError::WriterGone), _) => {}
             (Err(e), None) => {

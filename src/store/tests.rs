@@ -644,6 +644,42 @@ async fn a_session_deleted_and_begun_again_under_its_id_keeps_only_its_new_messa
 }
 
 #[tokio::test]
+async fn a_fold_that_fails_leaves_the_log_and_is_tried_again_while_idle() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open(d.path()).unwrap();
+    // The history refuses every insert, as a full disk would.
+    let outside = Connection::open(d.path().join(HISTORY_FILE)).unwrap();
+    outside
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        )
+        .unwrap();
+    s.write(|c| sessions::append(c, "s", &["{\"n\":0}".into(), "{\"n\":1}".into()], None, 1))
+        .await
+        .unwrap();
+    // Two periods and more: folds were tried and failed, the turn is still stored.
+    tokio::time::sleep(3 * FOLD_EVERY).await;
+    let (in_log, history) = s
+        .read(|c| Ok((logged(c)?, sessions::history(c, "s", 10)?)))
+        .await
+        .unwrap();
+    assert_eq!(in_log, 2, "the log is kept");
+    assert_eq!(history, ["{\"n\":0}", "{\"n\":1}"]);
+    // The history writes again; no turn comes, and the log is folded all the same.
+    outside.execute_batch("DROP TRIGGER refuse").unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while s.read(logged).await.unwrap() > 0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the fold was not tried again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.read(in_history).await.unwrap(), 2);
+    s.close();
+}
+
+#[tokio::test]
 async fn commits_go_on_while_the_history_is_locked_and_the_fold_waits() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open_folding(d.path(), None).unwrap();
