@@ -162,6 +162,7 @@ fn run(shared: &Shared, inner: &Weak<Inner>, mut conn: Connection, every: Option
         for a in asked {
             let _ = a.send(match &r {
                 Ok(n) => Ok(*n),
+                Err(e) if e.is_unavailable() => Err(StoreError::Unavailable(e.to_string())),
                 Err(e) => Err(StoreError::Commit(e.to_string())),
             });
         }

@@ -231,11 +231,34 @@ impl Inner {
     }
 }
 
-impl Drop for Inner {
-    /// A store dropped without [`Store::close`]: the folder stops (without a wait), and
-    /// the writer once its channel is gone.
-    fn drop(&mut self) {
+impl Inner {
+    /// Stops the folder, then the writer after the jobs already queued (it folds what is
+    /// left in the log), and waits for each unless this is its own thread (the last handle
+    /// on the store dropped there). Nothing writes either file once this returns, so a
+    /// store opened again on the same folder in this process cannot race the last one.
+    fn shut(&self) {
+        fn join(slot: &Mutex<Option<std::thread::JoinHandle<()>>>) {
+            let t = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(t) = t
+                && t.thread().id() != std::thread::current().id()
+            {
+                let _ = t.join();
+            }
+        }
         self.folding.stop();
+        join(&self.folder);
+        self.writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        join(&self.thread);
+    }
+}
+
+impl Drop for Inner {
+    /// A store dropped without [`Store::close`] closes as it would.
+    fn drop(&mut self) {
+        self.shut();
     }
 }
 
@@ -362,8 +385,8 @@ impl Store {
         Ok(Store { inner })
     }
 
-    /// Folds the turn log into the history now, and returns the messages moved (see
-    /// `folder`): for tests that look at either, and tools that want the log empty.
+    /// Folds the older of the turn log's two tables into the history now (see `folder`),
+    /// and returns the messages moved: for tests that look at either. (Twice folds both.)
     pub async fn fold(&self) -> Result<usize, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.inner.folding.ask(tx);
@@ -583,30 +606,7 @@ impl Store {
     /// Stops the folder, then the writer after the jobs already queued, and waits for
     /// both.
     pub fn close(&self) {
-        self.inner.folding.stop();
-        let folder = self
-            .inner
-            .folder
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(t) = folder {
-            let _ = t.join();
-        }
-        self.inner
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let thread = self
-            .inner
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(t) = thread {
-            let _ = t.join();
-        }
+        self.inner.shut();
     }
 }
 
@@ -904,17 +904,30 @@ fn fold_all(main: &mut Connection, history: &mut Connection) -> rusqlite::Result
         |r| r.get(0),
     )?;
     if legacy {
-        let tx = history.transaction()?;
-        let moved = tx.execute(
-            "INSERT OR IGNORE INTO messages (session_id, seq, message, run_id, created_at)
-             SELECT session_id, seq, message, run_id, created_at FROM live.messages",
-            [],
-        )?;
-        tx.commit()?;
+        // A new database has the table too (migration 1), empty: only dropped.
+        let held: i64 = main.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))?;
+        if held > 0 {
+            tracing::info!(
+                "database: moving {held} stored messages to {HISTORY_FILE} (once, at the first start of schema 12)"
+            );
+            let tx = history.transaction()?;
+            tx.execute(
+                "INSERT OR IGNORE INTO messages (session_id, seq, message, run_id, created_at)
+                 SELECT session_id, seq, message, run_id, created_at FROM live.messages",
+                [],
+            )?;
+            tx.commit()?;
+        }
         main.execute_batch("DROP TABLE messages")?;
-        tracing::info!("database: {moved} messages moved to {HISTORY_FILE}");
+        if held > 0 {
+            tracing::info!(
+                "database: {held} messages moved; gateway.db keeps their pages free for reuse (`VACUUM` gives them back to the disk)"
+            );
+        }
     }
-    for table in 0..2 {
+    // The older table first (on the writer's thread, the one it does not append to): a
+    // reader meanwhile still finds each session's newest messages in the log.
+    for table in sessions::fold_order() {
         let (_, deletes) = sessions::fold_into_history(history, table)?;
         let tx = main.transaction_with_behavior(TransactionBehavior::Immediate)?;
         sessions::clear_folded(&tx, table, deletes)?;

@@ -73,10 +73,20 @@ pub(super) fn flip(conn: &Connection) -> rusqlite::Result<usize> {
     Ok(active)
 }
 
+/// The log tables, the older first: the inactive one, then the one appends go to (on the
+/// writer's thread; elsewhere, the order of their numbers).
+pub(super) fn fold_order() -> [usize; 2] {
+    let active = ACTIVE.with(Cell::get);
+    [1 - active, active]
+}
+
+/// Whether a log table and its index of sessions are both empty.
 fn log_empty(conn: &Connection, table: usize) -> rusqlite::Result<bool> {
     const EMPTY: PerLog = [
-        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_0)",
-        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_1)",
+        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_0)
+             AND NOT EXISTS (SELECT 1 FROM turn_log_next_0)",
+        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_1)
+             AND NOT EXISTS (SELECT 1 FROM turn_log_next_1)",
     ];
     conn.prepare_cached(EMPTY[table])?
         .query_row([], |r| r.get(0))
@@ -209,19 +219,25 @@ pub(super) fn clear_folded(
 pub fn list(conn: &Connection, limit: u32, offset: u32) -> rusqlite::Result<Vec<SessionRow>> {
     // A session of the page is either logged, or among the first `offset + limit` of
     // `sessions` by its own `updated_at` (a logged session's is older than its true one,
-    // which only moves it up): those few rows, not the whole table, are merged.
+    // which only moves it up), ties at the last of those included: those few rows, not
+    // the whole table, are merged. A logged session's creation is its folded row's when it
+    // has one, wherever that row ranks.
     let mut st = conn.prepare_cached(
         "SELECT id, min(created_at), max(updated_at), max(messages) FROM (
-             SELECT * FROM (SELECT id, created_at, updated_at, messages FROM sessions
-                            ORDER BY updated_at DESC LIMIT ?3)
+             SELECT id, created_at, updated_at, messages FROM sessions
+             WHERE updated_at >= coalesce(
+                 (SELECT updated_at FROM sessions ORDER BY updated_at DESC LIMIT 1 OFFSET ?3),
+                 -9223372036854775808)
              UNION ALL
-             SELECT session_id, created_at, updated_at, next FROM turn_log_next_0
+             SELECT n.session_id, coalesce(s.created_at, n.created_at), n.updated_at, n.next
+             FROM turn_log_next_0 n LEFT JOIN sessions s ON s.id = n.session_id
              UNION ALL
-             SELECT session_id, created_at, updated_at, next FROM turn_log_next_1)
+             SELECT n.session_id, coalesce(s.created_at, n.created_at), n.updated_at, n.next
+             FROM turn_log_next_1 n LEFT JOIN sessions s ON s.id = n.session_id)
          GROUP BY id ORDER BY 3 DESC, id LIMIT ?1 OFFSET ?2",
     )?;
-    let head = i64::from(limit) + i64::from(offset);
-    st.query_map(params![limit, offset, head], row)?.collect()
+    let last = (i64::from(limit) + i64::from(offset) - 1).max(0);
+    st.query_map(params![limit, offset, last], row)?.collect()
 }
 
 /// Sessions stored, logged ones included.
@@ -382,6 +398,11 @@ pub fn append_at(
     let first: i64 = conn
         .prepare_cached(FIRST[active])?
         .query_row([id], |r| r.get(0))?;
+    if messages.is_empty() {
+        // Nothing logged, nothing indexed: an index row without a message would outlive
+        // its table's fold.
+        return Ok(first);
+    }
     let mut ins = conn.prepare_cached(INSERT[active])?;
     for (i, m) in messages.iter().enumerate() {
         ins.execute(params![id, first + i as i64, m, run_id, now])?;

@@ -680,6 +680,56 @@ async fn a_fold_that_fails_leaves_the_log_and_is_tried_again_while_idle() {
 }
 
 #[tokio::test]
+async fn the_list_merges_logged_sessions_with_their_folded_rows_and_pages_through_ties() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open_folding(d.path(), None).unwrap();
+    // `old`, created at 1 and folded; then 6 newer sessions, 4 of them at the same time.
+    s.write(|c| sessions::append(c, "old", &["{}".into()], None, 1))
+        .await
+        .unwrap();
+    for (id, at) in [
+        ("n1", 10),
+        ("n2", 20),
+        ("t1", 30),
+        ("t2", 30),
+        ("t3", 30),
+        ("t4", 30),
+    ] {
+        s.write(move |c| sessions::append(c, id, &["{}".into()], None, at))
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.fold().await.unwrap(), 7);
+    assert_eq!(s.fold().await.unwrap(), 0);
+    // `old` gets a turn: it is logged, and its folded row ranks last.
+    s.write(|c| sessions::append(c, "old", &["{}".into()], None, 40))
+        .await
+        .unwrap();
+    let page = |limit: u32, offset: u32| {
+        let s = s.clone();
+        async move {
+            s.read(move |c| sessions::list(c, limit, offset))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.id, r.created_at, r.updated_at, r.messages))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        page(1, 0).await,
+        [("old".to_string(), 1, 40, 2)],
+        "created when it was, not at its logged turn"
+    );
+    // Pages of 2 list every session once, ties in id order.
+    let mut all = Vec::new();
+    for offset in (0..8).step_by(2) {
+        all.extend(page(2, offset).await.into_iter().map(|r| r.0));
+    }
+    assert_eq!(all, ["old", "t1", "t2", "t3", "t4", "n2", "n1"]);
+}
+
+#[tokio::test]
 async fn commits_go_on_while_the_history_is_locked_and_the_fold_waits() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open_folding(d.path(), None).unwrap();
