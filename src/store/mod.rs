@@ -64,6 +64,15 @@ pub const FOLD_EVERY: Duration = Duration::from_millis(500);
 /// (it cuts the file itself, once the gateway is quiet: see `checkpoint`).
 const WAL_KEPT: i64 = 64 << 20;
 
+/// The page cache of a file attached to a connection for a few reads, in KiB (SQLite's
+/// `cache_size` takes KiB as a negative number): SQLite's default is 2 MiB per file and
+/// connection, which five connections fill under load.
+const ATTACHED_CACHE_KIB: i64 = -64;
+
+/// The folder's page cache of `history.db`, in KiB (negative, as for
+/// [`ATTACHED_CACHE_KIB`]).
+const FOLDER_CACHE_KIB: i64 = -512;
+
 /// Prepared statements kept per connection.
 const STATEMENTS: usize = 128;
 
@@ -587,6 +596,9 @@ impl Store {
                 )?;
                 configure(&c)?;
                 c.execute("ATTACH DATABASE ?1 AS history", [&self.inner.history])?;
+                // A read takes a few pages of a session's history: a small cache, not
+                // SQLite's 2 MiB per file per connection (resident memory).
+                c.pragma_update(Some("history"), "cache_size", ATTACHED_CACHE_KIB)?;
                 c
             }
         };
@@ -890,6 +902,12 @@ fn open_history(history: &Path, main: &Path) -> Result<Connection, StoreError> {
         .map_err(open_err)?;
     migrations::apply_list(&mut conn, history, migrations::HISTORY)?;
     conn.execute("ATTACH DATABASE ?1 AS live", [utf8(main)?])
+        .map_err(open_err)?;
+    // The fold reads the log once, in order, and writes runs of each session's pages: small
+    // caches (resident memory).
+    conn.pragma_update(Some("live"), "cache_size", ATTACHED_CACHE_KIB)
+        .map_err(open_err)?;
+    conn.pragma_update(Some("main"), "cache_size", FOLDER_CACHE_KIB)
         .map_err(open_err)?;
     Ok(conn)
 }
