@@ -5,7 +5,7 @@
 //! A fold is three steps. The writer switches appends to the other log table (a job that
 //! touches no page); this thread copies the table it left into the history, in a
 //! transaction on `history.db` alone, synced; the writer then records the sessions' counts
-//! and empties that table (a short job, about a millisecond for 2,500 messages). The copy,
+//! and empties that table (a short job: a few statements over one table's index). The copy,
 //! which took the writer 13–15 ms twice a second at 5,000 messages a second, no longer
 //! holds up a commit. Every step can be repeated after a failure or a crash (see
 //! `sessions`), so a fold cut short anywhere is simply done again.

@@ -33,6 +33,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use std::cell::Cell;
+use std::sync::OnceLock;
 
 /// One stored session, without its messages.
 #[derive(Debug, Clone, Serialize)]
@@ -82,18 +83,40 @@ pub(super) fn fold_order() -> [usize; 2] {
 
 /// Whether a log table and its index of sessions are both empty.
 fn log_empty(conn: &Connection, table: usize) -> rusqlite::Result<bool> {
-    const EMPTY: PerLog = [
-        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_0)
-             AND NOT EXISTS (SELECT 1 FROM turn_log_next_0)",
-        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_1)
-             AND NOT EXISTS (SELECT 1 FROM turn_log_next_1)",
-    ];
-    conn.prepare_cached(EMPTY[table])?
+    static EMPTY: PerLog = PerLog::new(
+        "SELECT NOT EXISTS (SELECT 1 FROM turn_log_{N})
+             AND NOT EXISTS (SELECT 1 FROM turn_log_next_{N})",
+    );
+    conn.prepare_cached(EMPTY.of(table))?
         .query_row([], |r| r.get(0))
 }
 
-/// A statement for each log table: `[for turn_log_0, for turn_log_1]`.
-type PerLog = [&'static str; 2];
+/// A statement written once for both log tables: `{N}` stands for the table's number,
+/// `{M}` for the other's. Each table's text is made at its first use.
+struct PerLog {
+    template: &'static str,
+    sql: OnceLock<[String; 2]>,
+}
+
+impl PerLog {
+    const fn new(template: &'static str) -> PerLog {
+        PerLog {
+            template,
+            sql: OnceLock::new(),
+        }
+    }
+
+    /// The statement for the log table `table` (0 or 1).
+    fn of(&self, table: usize) -> &str {
+        &self.sql.get_or_init(|| {
+            [0, 1].map(|n: usize| {
+                self.template
+                    .replace("{N}", &n.to_string())
+                    .replace("{M}", &(1 - n).to_string())
+            })
+        })[table]
+    }
+}
 
 /// What `turn_log_next_0` and `_1` know of a session: its count (the next `seq`), the
 /// `seq` of its first logged message, and the times of its first and last.
@@ -146,12 +169,10 @@ pub(super) fn fold_into_history(
     conn: &mut Connection,
     table: usize,
 ) -> rusqlite::Result<(usize, Option<i64>)> {
-    const MOVE: PerLog = [
+    static MOVE: PerLog = PerLog::new(
         "INSERT OR IGNORE INTO messages (session_id, seq, message, run_id, created_at)
-         SELECT session_id, seq, message, run_id, created_at FROM live.turn_log_0 ORDER BY id",
-        "INSERT OR IGNORE INTO messages (session_id, seq, message, run_id, created_at)
-         SELECT session_id, seq, message, run_id, created_at FROM live.turn_log_1 ORDER BY id",
-    ];
+         SELECT session_id, seq, message, run_id, created_at FROM live.turn_log_{N} ORDER BY id",
+    );
     // Deferred: the first statement takes the history's write lock and a snapshot of
     // `gateway.db`, which every statement after it sees; `gateway.db` is never locked
     // for writing. Deletions first: a session deleted and begun again under the same id
@@ -164,7 +185,7 @@ pub(super) fn fold_into_history(
     let deletes: Option<i64> = tx
         .prepare_cached("SELECT max(id) FROM live.history_deletes")?
         .query_row([], |r| r.get(0))?;
-    let moved = tx.prepare_cached(MOVE[table])?.execute([])?;
+    let moved = tx.prepare_cached(MOVE.of(table))?.execute([])?;
     tx.commit()?;
     Ok((moved, deletes))
 }
@@ -188,25 +209,20 @@ pub(super) fn clear_folded(
     deletes: Option<i64>,
 ) -> rusqlite::Result<()> {
     // `WHERE true`: an upsert after a SELECT needs a WHERE for the parser.
-    const SESSIONS: PerLog = [
+    static SESSIONS: PerLog = PerLog::new(
         "INSERT INTO sessions (id, created_at, updated_at, messages)
-         SELECT session_id, created_at, updated_at, next FROM turn_log_next_0 WHERE true
+         SELECT session_id, created_at, updated_at, next FROM turn_log_next_{N} WHERE true
          ON CONFLICT (id) DO UPDATE SET
              updated_at = max(updated_at, excluded.updated_at),
              messages = max(messages, excluded.messages)",
-        "INSERT INTO sessions (id, created_at, updated_at, messages)
-         SELECT session_id, created_at, updated_at, next FROM turn_log_next_1 WHERE true
-         ON CONFLICT (id) DO UPDATE SET
-             updated_at = max(updated_at, excluded.updated_at),
-             messages = max(messages, excluded.messages)",
-    ];
-    const CLEAR: PerLog = ["DELETE FROM turn_log_0", "DELETE FROM turn_log_1"];
-    const CLEAR_NEXT: PerLog = ["DELETE FROM turn_log_next_0", "DELETE FROM turn_log_next_1"];
+    );
+    static CLEAR: PerLog = PerLog::new("DELETE FROM turn_log_{N}");
+    static CLEAR_NEXT: PerLog = PerLog::new("DELETE FROM turn_log_next_{N}");
     // An empty table changes nothing: clearing it would still dirty its root page.
     if !log_empty(conn, table)? {
-        conn.prepare_cached(SESSIONS[table])?.execute([])?;
-        conn.prepare_cached(CLEAR[table])?.execute([])?;
-        conn.prepare_cached(CLEAR_NEXT[table])?.execute([])?;
+        conn.prepare_cached(SESSIONS.of(table))?.execute([])?;
+        conn.prepare_cached(CLEAR.of(table))?.execute([])?;
+        conn.prepare_cached(CLEAR_NEXT.of(table))?.execute([])?;
     }
     if let Some(last) = deletes {
         conn.prepare_cached("DELETE FROM history_deletes WHERE id <= ?1")?
@@ -360,54 +376,41 @@ pub fn append_at(
     now: i64,
 ) -> rusqlite::Result<i64> {
     // The active table's index first: a session logged there has its count there.
-    const FIRST: PerLog = [
+    static FIRST: PerLog = PerLog::new(
         "SELECT coalesce(
-             (SELECT next FROM turn_log_next_0 WHERE session_id = ?1),
-             (SELECT next FROM turn_log_next_1 WHERE session_id = ?1),
+             (SELECT next FROM turn_log_next_{N} WHERE session_id = ?1),
+             (SELECT next FROM turn_log_next_{M} WHERE session_id = ?1),
              (SELECT messages FROM sessions WHERE id = ?1),
              0)",
-        "SELECT coalesce(
-             (SELECT next FROM turn_log_next_1 WHERE session_id = ?1),
-             (SELECT next FROM turn_log_next_0 WHERE session_id = ?1),
-             (SELECT messages FROM sessions WHERE id = ?1),
-             0)",
-    ];
-    const INSERT: PerLog = [
-        "INSERT INTO turn_log_0 (session_id, seq, message, run_id, created_at)
+    );
+    static INSERT: PerLog = PerLog::new(
+        "INSERT INTO turn_log_{N} (session_id, seq, message, run_id, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        "INSERT INTO turn_log_1 (session_id, seq, message, run_id, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    ];
+    );
     // The session's count, its first `seq` in this table, and the times of its first and
     // last messages there, for reads and the fold.
-    const NEXT: PerLog = [
-        "INSERT INTO turn_log_next_0 (session_id, next, first, created_at, updated_at)
+    static NEXT: PerLog = PerLog::new(
+        "INSERT INTO turn_log_next_{N} (session_id, next, first, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?4)
          ON CONFLICT (session_id) DO UPDATE SET
              next = excluded.next,
              created_at = min(created_at, excluded.created_at),
              updated_at = max(updated_at, excluded.updated_at)",
-        "INSERT INTO turn_log_next_1 (session_id, next, first, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?4)
-         ON CONFLICT (session_id) DO UPDATE SET
-             next = excluded.next,
-             created_at = min(created_at, excluded.created_at),
-             updated_at = max(updated_at, excluded.updated_at)",
-    ];
+    );
     let active = ACTIVE.with(Cell::get);
     let first: i64 = conn
-        .prepare_cached(FIRST[active])?
+        .prepare_cached(FIRST.of(active))?
         .query_row([id], |r| r.get(0))?;
     if messages.is_empty() {
         // Nothing logged, nothing indexed: an index row without a message would outlive
         // its table's fold.
         return Ok(first);
     }
-    let mut ins = conn.prepare_cached(INSERT[active])?;
+    let mut ins = conn.prepare_cached(INSERT.of(active))?;
     for (i, m) in messages.iter().enumerate() {
         ins.execute(params![id, first + i as i64, m, run_id, now])?;
     }
-    conn.prepare_cached(NEXT[active])?.execute(params![
+    conn.prepare_cached(NEXT.of(active))?.execute(params![
         id,
         first + messages.len() as i64,
         first,
